@@ -1,0 +1,92 @@
+// BlockCache: a budgeted cache of fixed-size blocks of a ByteSource.
+//
+// All block memory is one anonymous mapping made at construction and reused forever: on these
+// VMs first-touching fresh memory is far slower than the I/O, so nothing is allocated per miss.
+// Loads are single-flight (two readers of one block cause one read of the source) and happen
+// outside the lock; a block is pinned while a reply copies from it, so eviction (CLOCK) never
+// recycles memory in use.
+#pragma once
+
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <span>
+#include <unordered_map>
+#include <vector>
+
+#include "byte_source.h"
+
+namespace ckptfs {
+
+// An anonymous private mapping, unmapped on destruction.
+class MappedRegion {
+ public:
+  explicit MappedRegion(std::size_t bytes);
+  ~MappedRegion();
+  MappedRegion(const MappedRegion&) = delete;
+  MappedRegion& operator=(const MappedRegion&) = delete;
+  std::byte* data() const { return data_; }
+  std::size_t size() const { return size_; }
+
+ private:
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+class BlockCache {
+ public:
+  struct Stats {
+    std::uint64_t limit_bytes = 0;
+    std::uint64_t block_size = 0;
+    std::uint64_t blocks = 0;
+    std::uint64_t resident_bytes = 0;
+    std::uint64_t hits = 0;
+    std::uint64_t misses = 0;
+    std::uint64_t evictions = 0;
+    std::uint64_t bytes_read = 0;
+    std::uint64_t read_errors = 0;
+  };
+
+  // |capacity_bytes| is the budget; |block_size| 0 picks a size that gives at least
+  // kMinBlocks blocks (at most 1 MiB, at least 64 KiB).
+  BlockCache(const ByteSource& source, std::uint64_t capacity_bytes, std::uint32_t block_size = 0);
+  BlockCache(const BlockCache&) = delete;
+  BlockCache& operator=(const BlockCache&) = delete;
+
+  // Copies source bytes [offset, offset + dst.size()) into |dst| through the cache.
+  // Thread-safe. Throws IoError if the source fails (nothing is cached for that block).
+  void read(std::uint64_t offset, std::span<std::byte> dst);
+
+  Stats stats() const;
+  std::uint32_t block_size() const { return block_size_; }
+
+  static constexpr std::uint32_t kMinBlocks = 32;
+
+ private:
+  enum class SlotState : std::uint8_t { Free, Loading, Ready };
+  struct Slot {
+    std::uint64_t block = 0;
+    std::uint32_t length = 0;
+    std::uint32_t pins = 0;
+    SlotState state = SlotState::Free;
+    bool referenced = false;
+  };
+  static constexpr std::uint32_t kNoSlot = UINT32_MAX;
+
+  std::uint32_t acquire(std::uint64_t block);
+  void release(std::uint32_t slot);
+  std::uint32_t find_victim();  // requires mu_
+
+  const ByteSource& source_;
+  std::uint32_t block_size_;
+  MappedRegion arena_;
+  mutable std::mutex mu_;
+  std::condition_variable changed_;
+  std::vector<Slot> slots_;
+  std::unordered_map<std::uint64_t, std::uint32_t> index_;
+  std::uint32_t hand_ = 0;
+  Stats stats_;
+};
+
+}  // namespace ckptfs

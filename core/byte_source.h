@@ -1,0 +1,53 @@
+// The one interface through which checkpoint bytes reach ckptfs. Today it is a local file;
+// shard sets and HTTP/object-store ranges will implement the same interface, so neither the
+// block cache nor the catalog may assume a local fd.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <ctime>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "unique_fd.h"
+
+namespace ckptfs {
+
+class ByteSource {
+ public:
+  virtual ~ByteSource() = default;
+
+  // Total size in bytes; constant for the life of the source.
+  virtual std::uint64_t size() const = 0;
+
+  // Fills |dst| with the bytes at [offset, offset + dst.size()). Thread-safe. Throws IoError on
+  // an I/O failure or when the range runs past the end (a short read is never returned).
+  virtual void read_at(std::uint64_t offset, std::span<std::byte> dst) const = 0;
+
+  // Modification time to show on the mounted files.
+  virtual std::timespec mtime() const = 0;
+
+  // Human-readable name for messages (a path, a URL).
+  virtual std::string describe() const = 0;
+};
+
+// A regular local file read with pread(2).
+class LocalFileSource final : public ByteSource {
+ public:
+  // Throws IoError (with a message naming |path|) if it cannot be opened or is not a file.
+  explicit LocalFileSource(const std::string& path);
+
+  std::uint64_t size() const override { return size_; }
+  void read_at(std::uint64_t offset, std::span<std::byte> dst) const override;
+  std::timespec mtime() const override { return mtime_; }
+  std::string describe() const override { return path_; }
+
+ private:
+  std::string path_;
+  UniqueFd fd_;
+  std::uint64_t size_ = 0;
+  std::timespec mtime_{};
+};
+
+}  // namespace ckptfs

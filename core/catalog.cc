@@ -1,0 +1,135 @@
+#include "catalog.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "json_text.h"
+
+namespace ckptfs {
+namespace {
+
+void append_key(std::string& out, const std::vector<KeyPart>& key) {
+  out.push_back('[');
+  for (std::size_t i = 0; i < key.size(); ++i) {
+    if (i) out += ", ";
+    if (key[i].is_number) {
+      out += fmt::format("{}", key[i].number);
+    } else {
+      append_json_string(out, key[i].text);
+    }
+  }
+  out.push_back(']');
+}
+
+}  // namespace
+
+NodeIndex TensorCatalog::lookup(NodeIndex dir, std::string_view name) const {
+  const auto& kids = nodes_[dir].children;
+  auto it = std::lower_bound(kids.begin(), kids.end(), name,
+                             [this](NodeIndex n, std::string_view v) { return nodes_[n].name < v; });
+  return it != kids.end() && nodes_[*it].name == name ? *it : kNoNode;
+}
+
+std::string TensorCatalog::relative_path(NodeIndex i) const {
+  std::vector<const std::string*> parts;
+  for (NodeIndex n = i; n != kRoot && n != kNoNode; n = nodes_[n].parent) parts.push_back(&nodes_[n].name);
+  std::string out;
+  for (auto it = parts.rbegin(); it != parts.rend(); ++it) {
+    if (!out.empty()) out.push_back('/');
+    out += **it;
+  }
+  return out;
+}
+
+std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
+  std::string out = "{\n  \"key\": ";
+  append_key(out, t.key);
+  out += ",\n  \"path\": ";
+  append_json_string(out, t.path);
+  out += ",\n  \"dtype\": ";
+  append_json_string(out, t.dtype.name);
+  out += ",\n  \"numpy_dtype\": ";
+  append_json_string(out, t.dtype.numpy_dtype);
+  out += ",\n  \"shape\": ";
+  append_json_int_array(out, t.shape);
+  out += fmt::format(",\n  \"nbytes\": {}", t.nbytes);
+  out += fmt::format(",\n  \"requires_grad\": {}", t.requires_grad ? "true" : "false");
+  if (!t.wrapper.empty()) {
+    out += ",\n  \"wrapper\": ";
+    append_json_string(out, t.wrapper);
+  }
+  out += ",\n  \"byteorder\": \"little\"";
+  if (big_endian_) out += ",\n  \"byteswapped\": \"stored big-endian; served little-endian\"";
+  if (t.dtype.name == "bfloat16") {
+    out += ",\n  \"note\": \"numpy has no bfloat16: read as <u2 raw bits; float32 = (bits.astype('<u4') << 16).view('<f4')\"";
+  }
+  out += ",\n  \"source\": {\n    \"format\": ";
+  append_json_string(out, format_);
+  if (t.storage != kNoStorage) {
+    const StorageInfo& s = storages_[t.storage];
+    out += ",\n    \"storage\": ";
+    append_json_string(out, s.key);
+    out += ",\n    \"record\": ";
+    append_json_string(out, s.record);
+    out += ",\n    \"location\": ";
+    append_json_string(out, s.location);
+    out += fmt::format(",\n    \"file_offset\": {},\n    \"storage_nbytes\": {}", s.offset, s.nbytes);
+  }
+  out += fmt::format(",\n    \"storage_offset\": {},\n    \"stride\": ", t.storage_offset);
+  append_json_int_array(out, t.stride);
+  out += fmt::format(",\n    \"contiguous\": {}\n  }}", t.layout && t.layout->contiguous() ? "true" : "false");
+  if (!t.error.empty()) {
+    out += ",\n  \"error\": ";
+    append_json_string(out, t.error);
+  }
+  out += "\n}\n";
+  return out;
+}
+
+const std::string& TensorCatalog::index_json() const {
+  std::call_once(*index_once_, [this] {
+    std::string out = "{\n\"format\": ";
+    append_json_string(out, format_);
+    out += ",\n\"tensors\": [";
+    for (std::size_t i = 0; i < tensors_.size(); ++i) {
+      const TensorInfo& t = tensors_[i];
+      out += i ? ",\n" : "\n";
+      out += "{\"key\": ";
+      append_key(out, t.key);
+      out += ", \"path\": ";
+      append_json_string(out, t.path);
+      out += ", \"sidecar\": ";
+      append_json_string(out, t.sidecar);
+      out += ", \"dtype\": ";
+      append_json_string(out, t.dtype.name);
+      out += ", \"shape\": ";
+      append_json_int_array(out, t.shape);
+      out += fmt::format(", \"nbytes\": {}", t.nbytes);
+      if (!t.error.empty()) {
+        out += ", \"error\": ";
+        append_json_string(out, t.error);
+      }
+      out += "}";
+    }
+    out += "\n]\n}\n";
+    index_json_ = std::move(out);
+  });
+  return index_json_;
+}
+
+std::uint64_t TensorCatalog::generated_size(NodeIndex i) const {
+  const Node& n = nodes_[i];
+  switch (n.kind) {
+    case NodeKind::TensorSidecar:
+      return sidecar_json(tensors_[n.tensor]).size();
+    case NodeKind::JsonValue:
+      return n.text.size();
+    case NodeKind::IndexFile:
+      return index_json().size();
+    default:
+      return 0;
+  }
+}
+
+}  // namespace ckptfs

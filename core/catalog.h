@@ -1,0 +1,116 @@
+// TensorCatalog: the immutable tree a mount serves, built once from a checkpoint.
+//
+// Nodes sit in one vector; a node's index is its inode number minus one, so lookups need no
+// map and no lock. Tensor files refer to TensorInfo, which says which storage the bytes come
+// from and how the view maps onto it.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "dtype.h"
+#include "tensor_layout.h"
+
+namespace ckptfs {
+
+using NodeIndex = std::uint32_t;
+inline constexpr NodeIndex kNoNode = std::numeric_limits<NodeIndex>::max();
+inline constexpr std::uint32_t kNoStorage = std::numeric_limits<std::uint32_t>::max();
+
+// One step of a tensor's key path from the root object: a dict key or attribute name, or an
+// int dict key / list index.
+struct KeyPart {
+  bool is_number = false;
+  std::int64_t number = 0;
+  std::string text;
+};
+
+// A contiguous run of checkpoint bytes holding one storage.
+struct StorageInfo {
+  std::string key;       // the persistent-id key, e.g. "0"
+  std::string record;    // e.g. "archive/data/0"
+  std::string location;  // e.g. "cpu", "cuda:0" (metadata only)
+  std::uint64_t offset = 0;  // absolute offset in the checkpoint
+  std::uint64_t nbytes = 0;
+};
+
+struct TensorInfo {
+  std::vector<KeyPart> key;
+  std::string path;     // of the raw file, relative to the mount root
+  std::string sidecar;  // path of its .json sidecar
+  DType dtype{};
+  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> stride;
+  std::int64_t storage_offset = 0;  // in elements
+  std::uint32_t storage = kNoStorage;
+  std::uint64_t nbytes = 0;
+  bool requires_grad = false;
+  std::string wrapper;  // e.g. "torch.nn.parameter.Parameter", or a tensor subclass
+  std::string error;    // non-empty: the file exists but reads fail (EIO); says why
+  std::optional<TensorLayout> layout;  // set when error is empty
+};
+
+enum class NodeKind : std::uint8_t {
+  Directory,
+  TensorData,     // raw bytes of |tensor|
+  TensorSidecar,  // JSON metadata of |tensor|
+  JsonValue,      // |text| is the file's JSON content
+  IndexFile,      // /.ckptfs/index.json
+  StatsFile,      // /.ckptfs/stats, rendered by the daemon on every read
+};
+
+struct Node {
+  NodeKind kind = NodeKind::Directory;
+  NodeIndex parent = kNoNode;
+  std::string name;
+  std::vector<NodeIndex> children;  // Directory: sorted by name
+  std::uint32_t tensor = 0;         // TensorData, TensorSidecar
+  std::string text;                 // JsonValue
+};
+
+class TensorCatalog {
+ public:
+  TensorCatalog() = default;
+  TensorCatalog(TensorCatalog&&) noexcept = default;
+  TensorCatalog& operator=(TensorCatalog&&) noexcept = default;
+
+  static constexpr NodeIndex kRoot = 0;
+
+  const Node& node(NodeIndex i) const { return nodes_[i]; }
+  std::size_t node_count() const { return nodes_.size(); }
+  NodeIndex lookup(NodeIndex dir, std::string_view name) const;
+
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  const std::vector<StorageInfo>& storages() const { return storages_; }
+  const std::string& format() const { return format_; }
+  bool big_endian() const { return big_endian_; }
+  const std::vector<std::string>& warnings() const { return warnings_; }
+
+  std::string sidecar_json(const TensorInfo& t) const;
+  // Rendered on first use and kept: it is large for big checkpoints and read rarely.
+  const std::string& index_json() const;
+
+  // Bytes a file's stat reports for generated (non-tensor) files.
+  std::uint64_t generated_size(NodeIndex i) const;
+  std::string relative_path(NodeIndex i) const;
+
+ private:
+  friend class CatalogBuilder;
+
+  std::vector<Node> nodes_;
+  std::vector<TensorInfo> tensors_;
+  std::vector<StorageInfo> storages_;
+  std::string format_;
+  bool big_endian_ = false;
+  std::vector<std::string> warnings_;
+  mutable std::unique_ptr<std::once_flag> index_once_ = std::make_unique<std::once_flag>();
+  mutable std::string index_json_;
+};
+
+}  // namespace ckptfs

@@ -1,0 +1,570 @@
+#include "catalog_builder.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <unordered_set>
+
+#include "errors.h"
+#include "json_text.h"
+#include "name_escaping.h"
+
+namespace ckptfs {
+namespace {
+
+constexpr int kMaxDepth = 400;
+constexpr std::size_t kMaxNodes = 64u << 20;
+constexpr std::size_t kMaxJsonBytes = 256u << 20;
+
+bool is_tensor_function(const std::string& name) {
+  return name == "torch._utils._rebuild_tensor_v2" || name == "torch._utils._rebuild_tensor" ||
+         name == "torch._utils._rebuild_tensor_v3" || name == "torch._utils._rebuild_parameter" ||
+         name == "torch._utils._rebuild_parameter_with_state" ||
+         name == "torch.nn.parameter.Parameter" || name == "torch._tensor._rebuild_from_type_v2" ||
+         name == "torch._tensor._rebuild_from_type" || name == "torch._utils._rebuild_qtensor";
+}
+
+}  // namespace
+
+CatalogBuilder::CatalogBuilder(const ValueArena& arena, TensorCatalog& catalog, StorageResolver resolver)
+    : arena_(arena), catalog_(catalog), resolve_(std::move(resolver)) {}
+
+NodeIndex CatalogBuilder::add_node(Node n) {
+  if (catalog_.nodes_.size() >= kMaxNodes) {
+    throw FormatError(fmt::format("checkpoint expands to more than {} files (shared objects referenced too often?)", kMaxNodes));
+  }
+  catalog_.nodes_.push_back(std::move(n));
+  return static_cast<NodeIndex>(catalog_.nodes_.size() - 1);
+}
+
+bool CatalogBuilder::is_container(ValueId v) const {
+  auto k = arena_[v].kind;
+  return k == ValueKind::Dict || k == ValueKind::List || k == ValueKind::Tuple || k == ValueKind::Set;
+}
+
+// Reads an int tuple, accepting torch.Size(tuple) too.
+static std::optional<std::vector<std::int64_t>> int_tuple(const ValueArena& a, ValueId v) {
+  if (v == kNoValue) return std::nullopt;
+  const Value* t = &a[v];
+  if (t->kind == ValueKind::Object && a.is_global(t->cls, "torch.Size") && t->args != kNoValue &&
+      !a[t->args].items.empty()) {
+    t = &a[a[t->args].items[0]];
+  }
+  if (t->kind != ValueKind::Tuple && t->kind != ValueKind::List) return std::nullopt;
+  std::vector<std::int64_t> out;
+  out.reserve(t->items.size());
+  for (ValueId i : t->items) {
+    if (a[i].kind != ValueKind::Int) return std::nullopt;
+    out.push_back(a[i].integer);
+  }
+  return out;
+}
+
+std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const std::string& fn, ValueId args_id, int depth) {
+  if (args_id == kNoValue || depth > 8) return std::nullopt;
+  const Value& args = arena_[args_id];
+  if (args.kind != ValueKind::Tuple && args.kind != ValueKind::List) return std::nullopt;
+  const auto& argv = args.items;
+
+  if (fn == "torch._utils._rebuild_parameter" || fn == "torch._utils._rebuild_parameter_with_state" ||
+      fn == "torch.nn.parameter.Parameter") {
+    if (argv.empty()) return std::nullopt;
+    auto inner = parse_tensor(argv[0], depth + 1);
+    if (inner) {
+      if (argv.size() > 1 && arena_[argv[1]].kind == ValueKind::Bool) inner->info.requires_grad = arena_[argv[1]].boolean;
+      inner->info.wrapper = "torch.nn.parameter.Parameter";
+    }
+    return inner;
+  }
+  if (fn == "torch._tensor._rebuild_from_type_v2" || fn == "torch._tensor._rebuild_from_type") {
+    // (func, new_type, args, state): the tensor is func(*args); new_type is only recorded.
+    if (argv.size() < 3 || arena_[argv[0]].kind != ValueKind::Global) return std::nullopt;
+    auto inner = parse_rebuild(arena_[argv[0]].text, argv[2], depth + 1);
+    if (inner && arena_[argv[1]].kind == ValueKind::Global && arena_[argv[1]].text != "torch.Tensor" &&
+        inner->info.wrapper.empty()) {
+      inner->info.wrapper = arena_[argv[1]].text;
+    }
+    return inner;
+  }
+  const bool v1 = fn == "torch._utils._rebuild_tensor";
+  const bool v2 = fn == "torch._utils._rebuild_tensor_v2";
+  const bool v3 = fn == "torch._utils._rebuild_tensor_v3";
+  const bool quantized = fn == "torch._utils._rebuild_qtensor";
+  if (!v1 && !v2 && !v3 && !quantized) return std::nullopt;
+  if (argv.size() < 4) return std::nullopt;
+
+  ParsedTensor p;
+  p.quantized = quantized;
+  TensorInfo& t = p.info;
+  auto shape = int_tuple(arena_, argv[2]);
+  auto stride = int_tuple(arena_, argv[3]);
+  if (!shape || !stride || arena_[argv[1]].kind != ValueKind::Int) {
+    t.error = "tensor arguments are malformed (size, stride or offset)";
+    return p;
+  }
+  t.shape = *shape;
+  t.stride = *stride;
+  t.storage_offset = arena_[argv[1]].integer;
+  if (!quantized && argv.size() > 4 && arena_[argv[4]].kind == ValueKind::Bool) t.requires_grad = arena_[argv[4]].boolean;
+
+  if (arena_[argv[0]].kind != ValueKind::PersistentRef) {
+    t.error = "tensor storage is not a storage reference";
+    return p;
+  }
+  ResolvedStorage rs = resolve_(arena_[argv[0]].items[0]);
+  t.dtype = rs.dtype;
+  if (v3) {
+    std::optional<DType> dt;
+    if (argv.size() > 6 && arena_[argv[6]].kind == ValueKind::Global) dt = dtype_by_name(arena_[argv[6]].text);
+    if (!dt) {
+      t.error = "unknown dtype in _rebuild_tensor_v3";
+      return p;
+    }
+    t.dtype = *dt;
+  }
+  if (!rs.error.empty()) {
+    t.error = rs.error;
+    return p;
+  }
+  t.storage = register_storage(rs.storage);
+  // Math bits (conj/neg) change the logical values; serving the stored ones would be wrong.
+  std::size_t meta_at = v2 ? 6 : v3 ? 7 : SIZE_MAX;
+  if (meta_at < argv.size() && arena_[argv[meta_at]].kind == ValueKind::Dict) {
+    const auto& kv = arena_[argv[meta_at]].items;
+    for (std::size_t i = 0; i + 1 < kv.size(); i += 2) {
+      const Value& k = arena_[kv[i]];
+      const Value& val = arena_[kv[i + 1]];
+      if (k.kind == ValueKind::Str && (k.text == "conj" || k.text == "neg") && val.kind == ValueKind::Bool && val.boolean) {
+        t.error = fmt::format("tensor has the '{}' bit set, which ckptfs does not apply yet", k.text);
+      }
+    }
+  }
+  const StorageInfo& s = catalog_.storages_[t.storage];
+  if (auto err = TensorLayout::validate(t.shape, t.stride, t.storage_offset, t.dtype.itemsize, s.nbytes)) {
+    t.error = *err;
+    return p;
+  }
+  t.layout.emplace(t.shape, t.stride, t.storage_offset, t.dtype.itemsize);
+  t.nbytes = t.layout->nbytes();
+  return p;
+}
+
+std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId v, int depth) {
+  const Value& val = arena_[v];
+  if (val.kind == ValueKind::PersistentRef) {
+    // A bare storage (torch.save(storage)): expose it whole, as a 1-D tensor of its type.
+    ResolvedStorage rs = resolve_(val.items[0]);
+    ParsedTensor p;
+    p.info.dtype = rs.dtype;
+    p.info.wrapper = "storage";
+    if (!rs.error.empty()) {
+      p.info.error = rs.error;
+      return p;
+    }
+    p.info.storage = register_storage(rs.storage);
+    std::uint64_t nbytes = rs.storage.nbytes;
+    std::int64_t numel = static_cast<std::int64_t>(nbytes / rs.dtype.itemsize);
+    p.info.shape = {numel};
+    p.info.stride = {1};
+    p.info.layout.emplace(p.info.shape, p.info.stride, 0, rs.dtype.itemsize);
+    p.info.nbytes = p.info.layout->nbytes();
+    return p;
+  }
+  if (val.kind != ValueKind::Object || arena_[val.cls].kind != ValueKind::Global) return std::nullopt;
+  const std::string& fn = arena_[val.cls].text;
+  if (!is_tensor_function(fn)) return std::nullopt;
+  return parse_rebuild(fn, val.args, depth);
+}
+
+std::uint32_t CatalogBuilder::register_storage(const StorageInfo& s) {
+  auto [it, fresh] = storage_index_.emplace(s.key, static_cast<std::uint32_t>(catalog_.storages_.size()));
+  if (fresh) catalog_.storages_.push_back(s);
+  return it->second;
+}
+
+bool CatalogBuilder::contains_tensor(ValueId v, int depth) {
+  if (depth > kMaxDepth) throw FormatError(fmt::format("objects nested deeper than {} levels", kMaxDepth));
+  const Value& val = arena_[v];
+  if (val.kind == ValueKind::PersistentRef) return true;
+  if (val.kind != ValueKind::Object && !is_container(v)) return false;
+  auto [it, inserted] = has_tensor_.emplace(v, -1);
+  if (!inserted) return it->second == 1;  // -1: a cycle back to an ancestor adds nothing
+  bool found = false;
+  if (val.kind == ValueKind::Object && arena_[val.cls].kind == ValueKind::Global &&
+      is_tensor_function(arena_[val.cls].text)) {
+    found = true;
+  } else {
+    for (const Child& c : children_of(v)) {
+      if (contains_tensor(c.value, depth + 1)) {
+        found = true;
+        break;
+      }
+    }
+  }
+  has_tensor_[v] = found ? 1 : 0;
+  return found;
+}
+
+KeyPart CatalogBuilder::key_part(ValueId key) const {
+  const Value& k = arena_[key];
+  KeyPart p;
+  switch (k.kind) {
+    case ValueKind::Str:
+      p.text = k.text;
+      break;
+    case ValueKind::Int:
+      p.is_number = true;
+      p.number = k.integer;
+      break;
+    case ValueKind::Bool:
+      p.text = k.boolean ? "True" : "False";
+      break;
+    case ValueKind::None:
+      p.text = "None";
+      break;
+    case ValueKind::BigInt:
+      p.text = k.text;
+      break;
+    case ValueKind::Float:
+      p.text = fmt::format("{}", k.real);
+      break;
+    case ValueKind::Tuple: {
+      p.text = "(";
+      for (std::size_t i = 0; i < k.items.size(); ++i) {
+        KeyPart sub = key_part(k.items[i]);
+        if (i) p.text += ", ";
+        p.text += sub.is_number ? fmt::format("{}", sub.number) : sub.text;
+      }
+      p.text += k.items.size() == 1 ? ",)" : ")";
+      break;
+    }
+    default:
+      p.text = fmt::format("<{}>", static_cast<int>(k.kind));
+  }
+  return p;
+}
+
+std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) const {
+  const Value& val = arena_[v];
+  std::vector<Child> out;
+  auto number = [](std::size_t i) {
+    KeyPart p;
+    p.is_number = true;
+    p.number = static_cast<std::int64_t>(i);
+    return p;
+  };
+  auto named = [](std::string s) {
+    KeyPart p;
+    p.text = std::move(s);
+    return p;
+  };
+  auto add_dict = [&](ValueId d) {
+    const auto& kv = arena_[d].items;
+    for (std::size_t i = 0; i + 1 < kv.size(); i += 2) out.push_back({key_part(kv[i]), kv[i + 1]});
+  };
+  switch (val.kind) {
+    case ValueKind::Dict:
+      add_dict(v);
+      break;
+    case ValueKind::List:
+    case ValueKind::Tuple:
+    case ValueKind::Set:
+      for (std::size_t i = 0; i < val.items.size(); ++i) out.push_back({number(i), val.items[i]});
+      break;
+    case ValueKind::Object: {
+      out.push_back({named("__class__"), val.cls});
+      if (val.state != kNoValue) {
+        const Value& st = arena_[val.state];
+        if (st.kind == ValueKind::Dict) {
+          add_dict(val.state);
+        } else if (st.kind == ValueKind::Tuple && st.items.size() == 2 &&
+                   (arena_[st.items[0]].kind == ValueKind::Dict || arena_[st.items[0]].kind == ValueKind::None) &&
+                   arena_[st.items[1]].kind == ValueKind::Dict) {
+          if (arena_[st.items[0]].kind == ValueKind::Dict) add_dict(st.items[0]);
+          add_dict(st.items[1]);  // (__dict__, __slots__ values)
+        } else {
+          out.push_back({named("__state__"), val.state});
+        }
+      }
+      if (val.args != kNoValue && !arena_[val.args].items.empty()) out.push_back({named("__args__"), val.args});
+      if (val.dict_items != kNoValue) out.push_back({named("__items__"), val.dict_items});
+      if (val.list_items != kNoValue) out.push_back({named("__list__"), val.list_items});
+      break;
+    }
+    default:
+      break;
+  }
+  return out;
+}
+
+void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPart>& key, int depth) {
+  if (depth > kMaxDepth) throw FormatError(fmt::format("objects nested deeper than {} levels", kMaxDepth));
+  std::vector<Child> kids = children_of(v);
+
+  // A dict that sets one key twice keeps the last value at the first position, as Python does.
+  if (arena_[v].kind == ValueKind::Dict) {
+    std::unordered_map<std::string, std::size_t> seen;
+    std::vector<Child> unique;
+    for (Child& c : kids) {
+      std::string id = c.key.is_number ? fmt::format("#{}", c.key.number) : "$" + c.key.text;
+      auto [it, fresh] = seen.emplace(id, unique.size());
+      if (fresh) {
+        unique.push_back(std::move(c));
+      } else {
+        unique[it->second].value = c.value;
+      }
+    }
+    kids = std::move(unique);
+  }
+
+  struct Pending {
+    const Child* child;
+    enum { Tensor, Dir, Json } what;
+    std::optional<ParsedTensor> tensor;
+    std::string primary;
+  };
+  std::vector<Pending> entries;
+  entries.reserve(kids.size());
+  for (const Child& c : kids) {
+    Pending p{&c, Pending::Json, parse_tensor(c.value, 0), {}};
+    if (p.tensor && !p.tensor->quantized) {
+      p.what = Pending::Tensor;
+    } else if (!p.tensor && (is_container(c.value) || (arena_[c.value].kind == ValueKind::Object && contains_tensor(c.value, depth)))) {
+      p.what = Pending::Dir;
+    }
+    entries.push_back(std::move(p));
+  }
+
+  // Names: raw files and directories first (so a sidecar never shadows a tensor), then the
+  // .json files; a clash appends ~1, ~2, ... before any ".json".
+  std::unordered_set<std::string> taken;
+  if (dir == TensorCatalog::kRoot) taken.insert(".ckptfs");
+  auto claim = [&taken](const std::string& base, const std::string& ext) {
+    std::string name = base + ext;
+    for (int n = 1; !taken.insert(name).second; ++n) name = fmt::format("{}~{}{}", base, n, ext);
+    return name;
+  };
+  for (Pending& p : entries) {
+    if (p.what != Pending::Json) {
+      const KeyPart& k = p.child->key;
+      p.primary = claim(escape_name(k.is_number ? fmt::format("{}", k.number) : k.text), "");
+    }
+  }
+  for (Pending& p : entries) {
+    const KeyPart& k = p.child->key;
+    key.push_back(k);
+    if (p.what == Pending::Tensor) {
+      std::string sidecar = claim(p.primary, ".json");
+      TensorInfo info = std::move(p.tensor->info);
+      info.key = key;
+      auto tensor_index = static_cast<std::uint32_t>(catalog_.tensors_.size());
+      Node data;
+      data.kind = NodeKind::TensorData;
+      data.parent = dir;
+      data.name = p.primary;
+      data.tensor = tensor_index;
+      NodeIndex data_node = add_node(std::move(data));
+      Node meta;
+      meta.kind = NodeKind::TensorSidecar;
+      meta.parent = dir;
+      meta.name = sidecar;
+      meta.tensor = tensor_index;
+      NodeIndex meta_node = add_node(std::move(meta));
+      catalog_.nodes_[dir].children.push_back(data_node);
+      catalog_.nodes_[dir].children.push_back(meta_node);
+      info.path = catalog_.relative_path(data_node);
+      info.sidecar = catalog_.relative_path(meta_node);
+      if (!info.error.empty()) {
+        catalog_.warnings_.push_back(fmt::format("tensor '{}': {} (reads return EIO; see {})", info.path, info.error, info.sidecar));
+      }
+      catalog_.tensors_.push_back(std::move(info));
+    } else if (p.what == Pending::Dir) {
+      Node d;
+      d.kind = NodeKind::Directory;
+      d.parent = dir;
+      d.name = p.primary;
+      NodeIndex child_dir = add_node(std::move(d));
+      catalog_.nodes_[dir].children.push_back(child_dir);
+      fill_directory(child_dir, p.child->value, key, depth + 1);
+    } else {
+      Node j;
+      j.kind = NodeKind::JsonValue;
+      j.parent = dir;
+      j.name = claim(escape_name(k.is_number ? fmt::format("{}", k.number) : k.text), ".json");
+      j.text = render_json(p.child->value);
+      if (p.tensor && p.tensor->quantized) {
+        const TensorInfo& q = p.tensor->info;
+        std::string why = fmt::format("quantized tensor ({}): no raw file, see {}", q.dtype.name, j.name);
+        j.text = "{\"kind\": \"quantized tensor\", \"dtype\": ";
+        append_json_string(j.text, q.dtype.name);
+        j.text += ", \"shape\": ";
+        append_json_int_array(j.text, q.shape);
+        j.text += ", \"note\": ";
+        append_json_string(j.text, why);
+        j.text += ", \"pickled\": " + render_json(p.child->value) + "}\n";
+      }
+      NodeIndex n = add_node(std::move(j));
+      catalog_.nodes_[dir].children.push_back(n);
+      if (p.tensor && p.tensor->quantized) {
+        catalog_.warnings_.push_back(fmt::format("quantized tensor '{}' ({}): no raw file, see {}",
+                                                 catalog_.relative_path(n).substr(0, catalog_.relative_path(n).size() - 5),
+                                                 p.tensor->info.dtype.name, catalog_.relative_path(n)));
+      }
+    }
+    key.pop_back();
+  }
+  auto& ch = catalog_.nodes_[dir].children;
+  std::sort(ch.begin(), ch.end(), [this](NodeIndex a, NodeIndex b) { return catalog_.nodes_[a].name < catalog_.nodes_[b].name; });
+}
+
+void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<ValueId>& on_path) {
+  if (out.size() > kMaxJsonBytes) throw FormatError("a non-tensor value renders to more than 256 MiB of JSON");
+  if (depth > kMaxDepth) throw FormatError(fmt::format("objects nested deeper than {} levels", kMaxDepth));
+  const Value& val = arena_[v];
+  bool compound = is_container(v) || val.kind == ValueKind::Object;
+  if (compound && std::find(on_path.begin(), on_path.end(), v) != on_path.end()) {
+    out += "{\"__cycle__\": true}";
+    return;
+  }
+  if (compound) on_path.push_back(v);
+  auto render_list = [&](const std::vector<ValueId>& items) {
+    out.push_back('[');
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      if (i) out += ", ";
+      render(out, items[i], depth + 1, on_path);
+    }
+    out.push_back(']');
+  };
+  switch (val.kind) {
+    case ValueKind::None: out += "null"; break;
+    case ValueKind::Bool: out += val.boolean ? "true" : "false"; break;
+    case ValueKind::Int: out += fmt::format("{}", val.integer); break;
+    case ValueKind::BigInt: out += val.text; break;
+    case ValueKind::Float: append_json_number(out, val.real); break;
+    case ValueKind::Str: append_json_string(out, val.text); break;
+    case ValueKind::Bytes: {
+      out += "{\"__bytes_hex__\": \"";
+      for (char c : val.text) out += fmt::format("{:02x}", static_cast<unsigned char>(c));
+      out += "\"}";
+      break;
+    }
+    case ValueKind::Tuple:
+    case ValueKind::List:
+    case ValueKind::Set:
+      render_list(val.items);
+      break;
+    case ValueKind::Dict: {
+      out.push_back('{');
+      for (std::size_t i = 0; i + 1 < val.items.size(); i += 2) {
+        if (i) out += ", ";
+        KeyPart k = key_part(val.items[i]);
+        append_json_string(out, k.is_number ? fmt::format("{}", k.number) : k.text);
+        out += ": ";
+        render(out, val.items[i + 1], depth + 1, on_path);
+      }
+      out.push_back('}');
+      break;
+    }
+    case ValueKind::Global:
+      out += "{\"__global__\": ";
+      append_json_string(out, val.text);
+      out += "}";
+      break;
+    case ValueKind::PersistentRef:
+      out += "{\"__persistent_id__\": ";
+      render(out, val.items[0], depth + 1, on_path);
+      out += "}";
+      break;
+    case ValueKind::Object: {
+      out += "{\"__class__\": ";
+      const Value& cls = arena_[val.cls];
+      if (cls.kind == ValueKind::Global) {
+        append_json_string(out, cls.text);
+      } else {
+        render(out, val.cls, depth + 1, on_path);
+      }
+      if (val.args != kNoValue && !arena_[val.args].items.empty()) {
+        out += ", \"args\": ";
+        render(out, val.args, depth + 1, on_path);
+      }
+      if (val.state != kNoValue) {
+        out += ", \"state\": ";
+        render(out, val.state, depth + 1, on_path);
+      }
+      if (val.dict_items != kNoValue) {
+        out += ", \"items\": ";
+        render(out, val.dict_items, depth + 1, on_path);
+      }
+      if (val.list_items != kNoValue) {
+        out += ", \"list\": ";
+        render(out, val.list_items, depth + 1, on_path);
+      }
+      out += "}";
+      break;
+    }
+  }
+  if (compound) on_path.pop_back();
+}
+
+std::string CatalogBuilder::render_json(ValueId v) {
+  std::string out;
+  std::vector<ValueId> on_path;
+  render(out, v, 0, on_path);
+  out.push_back('\n');
+  return out;
+}
+
+void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
+  catalog_.nodes_.clear();
+  catalog_.format_ = std::move(format);
+  catalog_.big_endian_ = big_endian;
+  Node r;
+  r.kind = NodeKind::Directory;
+  r.parent = kNoNode;
+  add_node(std::move(r));
+  // The root object itself is rarely a leaf; if it is, wrap it so that the tree has one file.
+  ValueId top = root;
+  if (!is_container(root) && !(arena_[root].kind == ValueKind::Object && contains_tensor(root, 0) && !parse_tensor(root, 0))) {
+    Value wrapper;
+    wrapper.kind = ValueKind::Dict;
+    Value name;
+    name.kind = ValueKind::Str;
+    name.text = parse_tensor(root, 0) ? "tensor" : "value";
+    // The arena is const here; a synthetic one-entry dict lives in a private arena copy.
+    ValueArena local = arena_;
+    ValueId key = local.add(std::move(name));
+    wrapper.items = {key, root};
+    top = local.add(std::move(wrapper));
+    CatalogBuilder sub(local, catalog_, resolve_);
+    std::vector<KeyPart> key_path;
+    sub.fill_directory(TensorCatalog::kRoot, top, key_path, 0);
+    // The synthetic key is not part of the checkpoint's key path.
+    for (TensorInfo& t : catalog_.tensors_) t.key.clear();
+  } else {
+    std::vector<KeyPart> key_path;
+    fill_directory(TensorCatalog::kRoot, top, key_path, 0);
+  }
+
+  // /.ckptfs holds files about the mount itself.
+  Node meta;
+  meta.kind = NodeKind::Directory;
+  meta.parent = TensorCatalog::kRoot;
+  meta.name = ".ckptfs";
+  NodeIndex meta_dir = add_node(std::move(meta));
+  Node index;
+  index.kind = NodeKind::IndexFile;
+  index.parent = meta_dir;
+  index.name = "index.json";
+  NodeIndex index_node = add_node(std::move(index));
+  Node stats;
+  stats.kind = NodeKind::StatsFile;
+  stats.parent = meta_dir;
+  stats.name = "stats";
+  NodeIndex stats_node = add_node(std::move(stats));
+  catalog_.nodes_[meta_dir].children = {index_node, stats_node};
+  auto& rc = catalog_.nodes_[TensorCatalog::kRoot].children;
+  rc.push_back(meta_dir);
+  std::sort(rc.begin(), rc.end(), [this](NodeIndex a, NodeIndex b) { return catalog_.nodes_[a].name < catalog_.nodes_[b].name; });
+}
+
+}  // namespace ckptfs

@@ -1,0 +1,67 @@
+// Turns the value graph of a checkpoint's pickle into a TensorCatalog.
+//
+// Containers become directories (dict keys and attribute names as names, list items as 0, 1,
+// ...), tensors become raw files with .json sidecars, and every other value becomes a .json
+// file. Opaque objects (a pickled nn.Module, argparse.Namespace, ...) become directories when
+// tensors are reachable through their state or arguments, else a .json rendering.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "catalog.h"
+#include "dtype.h"
+#include "pickle_value.h"
+
+namespace ckptfs {
+
+// What a storage persistent id resolves to: a storage of the catalog and the element type of
+// its pickled storage class; or |error| saying why it cannot be served.
+struct ResolvedStorage {
+  StorageInfo storage;  // |storage.key| identifies it; the builder registers each key once
+  DType dtype{};
+  std::string error;
+};
+using StorageResolver = std::function<ResolvedStorage(ValueId persistent_id)>;
+
+class CatalogBuilder {
+ public:
+  CatalogBuilder(const ValueArena& arena, TensorCatalog& catalog, StorageResolver resolver);
+
+  // Builds the whole tree under the root directory. Throws FormatError when the graph is
+  // too deep or would expand into too many files.
+  void build(ValueId root, std::string format, bool big_endian);
+
+ private:
+  struct Child {
+    KeyPart key;
+    ValueId value;
+  };
+  struct ParsedTensor {
+    TensorInfo info;
+    bool quantized = false;
+  };
+
+  std::optional<ParsedTensor> parse_tensor(ValueId v, int depth);
+  std::uint32_t register_storage(const StorageInfo& s);
+  std::optional<ParsedTensor> parse_rebuild(const std::string& fn, ValueId args, int depth);
+  bool contains_tensor(ValueId v, int depth);
+  bool is_container(ValueId v) const;
+  std::vector<Child> children_of(ValueId v) const;
+  KeyPart key_part(ValueId key) const;
+  void fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPart>& key, int depth);
+  NodeIndex add_node(Node n);
+  void render(std::string& out, ValueId v, int depth, std::vector<ValueId>& on_path);
+  std::string render_json(ValueId v);
+
+  const ValueArena& arena_;
+  TensorCatalog& catalog_;
+  StorageResolver resolve_;
+  std::unordered_map<ValueId, std::int8_t> has_tensor_;  // 1 yes, 0 no, -1 being computed
+  std::unordered_map<std::string, std::uint32_t> storage_index_;
+};
+
+}  // namespace ckptfs

@@ -1,0 +1,26 @@
+// torch dtypes as ckptfs knows them: names, sizes, numpy spellings, pickled storage classes.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+namespace ckptfs {
+
+struct DType {
+  std::string_view name;         // torch's canonical name, e.g. "float32"
+  std::uint32_t itemsize;        // bytes per element
+  std::string_view numpy_dtype;  // what to hand numpy, e.g. "<f4"
+  bool is_complex = false;       // byte-swapping swaps each half separately
+  bool is_quantized = false;     // raw integer codes; needs scale/zero point to mean anything
+};
+
+// Looks a dtype up by torch name ("float32") or by the GLOBAL that pickles it ("torch.float32").
+std::optional<DType> dtype_by_name(std::string_view name);
+
+// Maps a pickled storage class (e.g. "torch.FloatStorage", "torch.cuda.HalfStorage",
+// "torch.UntypedStorage") to the element type of that storage. Like torch, only the class name
+// matters, not the module.
+std::optional<DType> dtype_of_storage_class(std::string_view global_name);
+
+}  // namespace ckptfs

@@ -1,0 +1,759 @@
+#include "pickle_reader.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <bit>
+#include <charconv>
+#include <cstring>
+
+#include "errors.h"
+#include "little_endian.h"
+
+namespace ckptfs {
+
+ValueId ValueArena::add(Value v) {
+  if (values_.size() >= max_values_) {
+    throw FormatError(fmt::format("pickle builds more than {} objects (refused as a bomb)", max_values_));
+  }
+  values_.push_back(std::move(v));
+  return static_cast<ValueId>(values_.size() - 1);
+}
+
+namespace {
+
+void append_utf8(std::string& out, std::uint32_t cp) {
+  // Surrogates are encoded like any other code point (Python's surrogatepass).
+  if (cp < 0x80) {
+    out.push_back(static_cast<char>(cp));
+  } else if (cp < 0x800) {
+    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
+    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else if (cp < 0x10000) {
+    out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
+    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else {
+    out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
+    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  }
+}
+
+// Decodes UTF-8 (surrogates allowed) into code points; false on malformed input.
+bool decode_utf8(std::string_view s, std::vector<std::uint32_t>& out) {
+  for (std::size_t i = 0; i < s.size();) {
+    auto c = static_cast<unsigned char>(s[i]);
+    int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    if (len == 0 || i + static_cast<std::size_t>(len) > s.size()) {
+      return false;
+    }
+    std::uint32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
+    for (int k = 1; k < len; ++k) {
+      auto cc = static_cast<unsigned char>(s[i + static_cast<std::size_t>(k)]);
+      if ((cc >> 6) != 0x2) {
+        return false;
+      }
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    out.push_back(cp);
+    i += static_cast<std::size_t>(len);
+  }
+  return true;
+}
+
+// Python 2 module and class names that Python 3's pickler writes at protocol < 3
+// (_compat_pickle), mapped back to the Python 3 spelling.
+std::pair<std::string, std::string> canonical_global(std::string module, std::string name) {
+  if (module == "__builtin__") {
+    module = "builtins";
+    if (name == "unicode") name = "str";
+    else if (name == "long") name = "int";
+    else if (name == "xrange") name = "range";
+    else if (name == "basestring") name = "str";
+  } else if (module == "copy_reg") {
+    module = "copyreg";
+  } else if (module == "torch.tensor") {
+    module = "torch._tensor";  // torch's own rename for old _rebuild_from_type_v2 pickles
+  }
+  return {std::move(module), std::move(name)};
+}
+
+std::string decode_raw_unicode_escape(std::string_view in) {
+  std::string out;
+  for (std::size_t i = 0; i < in.size(); ++i) {
+    auto c = static_cast<unsigned char>(in[i]);
+    if (c == '\\' && i + 1 < in.size() && (in[i + 1] == 'u' || in[i + 1] == 'U')) {
+      std::size_t digits = in[i + 1] == 'u' ? 4 : 8;
+      if (i + 2 + digits <= in.size()) {
+        std::uint32_t cp = 0;
+        auto r = std::from_chars(in.data() + i + 2, in.data() + i + 2 + digits, cp, 16);
+        if (r.ec == std::errc() && r.ptr == in.data() + i + 2 + digits && cp <= 0x10FFFF) {
+          append_utf8(out, cp);
+          i += 1 + digits;
+          continue;
+        }
+      }
+    }
+    append_utf8(out, c);  // everything else is latin-1
+  }
+  return out;
+}
+
+// Decodes the body of a protocol-0 STRING opcode: a Python repr in quotes.
+std::string decode_python_string_literal(std::string_view line) {
+  if (line.size() < 2 || (line.front() != '\'' && line.front() != '"') || line.back() != line.front()) {
+    throw FormatError("pickle STRING opcode without matching quotes");
+  }
+  std::string_view s = line.substr(1, line.size() - 2);
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != '\\' || i + 1 == s.size()) {
+      out.push_back(s[i]);
+      continue;
+    }
+    char e = s[++i];
+    switch (e) {
+      case 'n': out.push_back('\n'); break;
+      case 't': out.push_back('\t'); break;
+      case 'r': out.push_back('\r'); break;
+      case 'a': out.push_back('\a'); break;
+      case 'b': out.push_back('\b'); break;
+      case 'f': out.push_back('\f'); break;
+      case 'v': out.push_back('\v'); break;
+      case 'x': {
+        unsigned v = 0;
+        if (i + 2 < s.size() + 0 && std::from_chars(s.data() + i + 1, s.data() + i + 3, v, 16).ec == std::errc()) {
+          out.push_back(static_cast<char>(v));
+          i += 2;
+        } else {
+          throw FormatError("pickle STRING opcode with a bad \\x escape");
+        }
+        break;
+      }
+      default:
+        if (e >= '0' && e <= '7') {
+          unsigned v = static_cast<unsigned>(e - '0');
+          for (int k = 0; k < 2 && i + 1 < s.size() && s[i + 1] >= '0' && s[i + 1] <= '7'; ++k) {
+            v = v * 8 + static_cast<unsigned>(s[++i] - '0');
+          }
+          out.push_back(static_cast<char>(v & 0xFF));
+        } else {
+          out.push_back(e);  // \\, \', \" and unknown escapes keep the character
+        }
+    }
+  }
+  return out;
+}
+
+bool parse_int64(std::string_view s, std::int64_t& out) {
+  if (!s.empty() && s.front() == '+') s.remove_prefix(1);
+  auto r = std::from_chars(s.data(), s.data() + s.size(), out, 10);
+  return r.ec == std::errc() && r.ptr == s.data() + s.size();
+}
+
+}  // namespace
+
+std::string le_twos_complement_to_decimal(std::span<const std::byte> bytes) {
+  std::vector<std::uint8_t> mag(bytes.size());
+  for (std::size_t i = 0; i < bytes.size(); ++i) mag[i] = static_cast<std::uint8_t>(bytes[i]);
+  bool negative = !mag.empty() && (mag.back() & 0x80) != 0;
+  if (negative) {  // magnitude = two's complement negation
+    unsigned carry = 1;
+    for (auto& b : mag) {
+      unsigned v = static_cast<unsigned>(static_cast<std::uint8_t>(~b)) + carry;
+      b = static_cast<std::uint8_t>(v & 0xFF);
+      carry = v >> 8;
+    }
+  }
+  std::string digits;
+  while (std::any_of(mag.begin(), mag.end(), [](std::uint8_t b) { return b != 0; })) {
+    unsigned rem = 0;
+    for (std::size_t i = mag.size(); i-- > 0;) {
+      unsigned cur = (rem << 8) | mag[i];
+      mag[i] = static_cast<std::uint8_t>(cur / 10);
+      rem = cur % 10;
+    }
+    digits.push_back(static_cast<char>('0' + rem));
+  }
+  if (digits.empty()) digits = "0";
+  if (negative) digits.push_back('-');
+  std::reverse(digits.begin(), digits.end());
+  return digits;
+}
+
+PickleReader::PickleReader(std::span<const std::byte> data, ValueArena& arena, PickleLimits limits)
+    : data_(data), arena_(arena), limits_(limits) {}
+
+void PickleReader::fail(const std::string& what) const {
+  throw FormatError(fmt::format("corrupt pickle at byte {}: {}", opcode_pos_, what));
+}
+
+std::uint8_t PickleReader::next_byte() {
+  if (pos_ >= data_.size()) fail("unexpected end of data");
+  return static_cast<std::uint8_t>(data_[pos_++]);
+}
+
+std::span<const std::byte> PickleReader::take(std::uint64_t n) {
+  if (n > data_.size() - pos_) fail(fmt::format("length {} runs past the end of the data", n));
+  auto s = data_.subspan(pos_, n);
+  pos_ += n;
+  return s;
+}
+
+std::string PickleReader::take_string(std::uint64_t n) {
+  auto s = take(n);
+  return {reinterpret_cast<const char*>(s.data()), s.size()};
+}
+
+std::string PickleReader::take_line() {
+  auto begin = data_.begin() + static_cast<std::ptrdiff_t>(pos_);
+  auto nl = std::find(begin, data_.end(), std::byte{'\n'});
+  if (nl == data_.end()) fail("unterminated text argument");
+  std::string line(reinterpret_cast<const char*>(&*begin), static_cast<std::size_t>(nl - begin));
+  pos_ += line.size() + 1;
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  return line;
+}
+
+template <typename T>
+T PickleReader::take_le() {
+  return load_le<T>(take(sizeof(T)).data());
+}
+
+ValueId PickleReader::push_new(Value v) {
+  ValueId id = arena_.add(std::move(v));
+  push(id);
+  return id;
+}
+
+void PickleReader::push(ValueId id) {
+  if (stack_.size() >= limits_.max_stack) fail("stack too deep");
+  stack_.push_back(id);
+}
+
+ValueId PickleReader::pop() {
+  std::size_t floor = marks_.empty() ? 0 : marks_.back();
+  if (stack_.size() <= floor) fail("stack underflow");
+  ValueId id = stack_.back();
+  stack_.pop_back();
+  return id;
+}
+
+ValueId PickleReader::top() {
+  std::size_t floor = marks_.empty() ? 0 : marks_.back();
+  if (stack_.size() <= floor) fail("stack underflow");
+  return stack_.back();
+}
+
+std::vector<ValueId> PickleReader::pop_mark() {
+  if (marks_.empty()) fail("no MARK on the stack");
+  std::size_t m = marks_.back();
+  marks_.pop_back();
+  std::vector<ValueId> items(stack_.begin() + static_cast<std::ptrdiff_t>(m), stack_.end());
+  stack_.resize(m);
+  return items;
+}
+
+ValueId PickleReader::make_global(std::string module, std::string name) {
+  auto [m, n] = canonical_global(std::move(module), std::move(name));
+  Value v;
+  v.kind = ValueKind::Global;
+  v.text = m + "." + n;
+  return arena_.add(std::move(v));
+}
+
+ValueId PickleReader::make_int_from_le(std::span<const std::byte> bytes) {
+  Value v;
+  if (bytes.size() <= 8) {
+    std::uint64_t u = 0;
+    for (std::size_t i = 0; i < bytes.size(); ++i) u |= std::uint64_t(static_cast<std::uint8_t>(bytes[i])) << (8 * i);
+    if (!bytes.empty() && bytes.size() < 8 && (static_cast<std::uint8_t>(bytes.back()) & 0x80)) {
+      u |= ~std::uint64_t{0} << (8 * bytes.size());  // sign-extend
+    }
+    v.kind = ValueKind::Int;
+    v.integer = static_cast<std::int64_t>(u);
+  } else {
+    v.kind = ValueKind::BigInt;
+    v.text = le_twos_complement_to_decimal(bytes);
+    std::int64_t small = 0;
+    if (parse_int64(v.text, small)) {
+      v.kind = ValueKind::Int;
+      v.integer = small;
+      v.text.clear();
+    }
+  }
+  return arena_.add(std::move(v));
+}
+
+// REDUCE and NEWOBJ. Plain data constructors are interpreted; everything else stays opaque.
+ValueId PickleReader::call(ValueId callable, ValueId args, bool newobj) {
+  const Value& c = arena_[callable];
+  const Value& a = arena_[args];
+  const std::vector<ValueId> argv =
+      a.kind == ValueKind::Tuple || a.kind == ValueKind::List ? a.items : std::vector<ValueId>{};
+  if (c.kind == ValueKind::Global) {
+    const std::string name = c.text;  // a copy: arena_.add() below may move |c|
+    if (name == "collections.OrderedDict" || name == "builtins.dict" ||
+        name == "collections.Counter" || name == "collections.defaultdict") {
+      Value d;
+      d.kind = ValueKind::Dict;
+      // defaultdict's first argument is the default factory, not content.
+      std::size_t content = name == "collections.defaultdict" ? 1 : 0;
+      if (!newobj && argv.size() > content) {
+        const Value& src = arena_[argv[content]];
+        if (src.kind == ValueKind::Dict) {
+          d.items = src.items;
+        } else if (src.kind == ValueKind::List || src.kind == ValueKind::Tuple) {
+          for (ValueId pair : src.items) {
+            const Value& p = arena_[pair];
+            if ((p.kind == ValueKind::Tuple || p.kind == ValueKind::List) && p.items.size() == 2) {
+              d.items.push_back(p.items[0]);
+              d.items.push_back(p.items[1]);
+            }
+          }
+        }
+      }
+      return arena_.add(std::move(d));
+    }
+    if (name == "builtins.set" || name == "builtins.frozenset" || name == "builtins.list" ||
+        name == "builtins.tuple") {
+      Value s;
+      s.kind = name == "builtins.list"    ? ValueKind::List
+               : name == "builtins.tuple" ? ValueKind::Tuple
+                                          : ValueKind::Set;
+      if (!argv.empty()) {
+        const Value& src = arena_[argv[0]];
+        if (src.kind == ValueKind::List || src.kind == ValueKind::Tuple || src.kind == ValueKind::Set) {
+          s.items = src.items;
+        }
+      }
+      return arena_.add(std::move(s));
+    }
+    if (!newobj && (name == "_codecs.encode" || name == "builtins.bytes" || name == "builtins.bytearray")) {
+      Value b;
+      b.kind = ValueKind::Bytes;
+      if (argv.empty()) return arena_.add(std::move(b));
+      const Value& src = arena_[argv[0]];
+      if (src.kind == ValueKind::Bytes) {
+        b.text = src.text;
+        return arena_.add(std::move(b));
+      }
+      if (src.kind == ValueKind::Str && argv.size() == 2 && arena_[argv[1]].kind == ValueKind::Str &&
+          (arena_[argv[1]].text == "latin1" || arena_[argv[1]].text == "latin-1")) {
+        std::vector<std::uint32_t> cps;
+        if (decode_utf8(src.text, cps) &&
+            std::all_of(cps.begin(), cps.end(), [](std::uint32_t cp) { return cp < 256; })) {
+          for (auto cp : cps) b.text.push_back(static_cast<char>(cp));
+          return arena_.add(std::move(b));
+        }
+      }
+      // Anything else (other encodings, odd arguments) stays an opaque call.
+    }
+  }
+  Value o;
+  o.kind = ValueKind::Object;
+  o.cls = callable;
+  o.args = args;
+  return arena_.add(std::move(o));
+}
+
+void PickleReader::set_items(ValueId target, std::span<const ValueId> kv) {
+  if (kv.size() % 2 != 0) fail("SETITEMS with an odd number of items");
+  Value* t = &arena_[target];
+  if (t->kind == ValueKind::Object) {
+    if (t->dict_items == kNoValue) {
+      Value d;
+      d.kind = ValueKind::Dict;
+      ValueId id = arena_.add(std::move(d));
+      arena_[target].dict_items = id;  // re-index: add() may have moved the arena
+    }
+    t = &arena_[arena_[target].dict_items];
+  }
+  if (t->kind != ValueKind::Dict) fail("SETITEM on something that is not a dict");
+  t->items.insert(t->items.end(), kv.begin(), kv.end());
+}
+
+void PickleReader::append_items(ValueId target, std::span<const ValueId> items) {
+  Value* t = &arena_[target];
+  if (t->kind == ValueKind::Object) {
+    if (t->list_items == kNoValue) {
+      Value l;
+      l.kind = ValueKind::List;
+      ValueId id = arena_.add(std::move(l));
+      arena_[target].list_items = id;
+    }
+    t = &arena_[arena_[target].list_items];
+  }
+  if (t->kind != ValueKind::List && t->kind != ValueKind::Set) fail("APPEND on something that is not a list");
+  t->items.insert(t->items.end(), items.begin(), items.end());
+}
+
+void PickleReader::memo_put(std::uint64_t index, ValueId id) {
+  if (memo_.size() >= limits_.max_memo && !memo_.contains(index)) fail("memo too large");
+  memo_[index] = id;
+}
+
+ValueId PickleReader::memo_get(std::uint64_t index) {
+  auto it = memo_.find(index);
+  if (it == memo_.end()) fail(fmt::format("memo key {} was never stored", index));
+  return it->second;
+}
+
+ValueId PickleReader::read() {
+  stack_.clear();
+  marks_.clear();
+  memo_.clear();
+  for (;;) {
+    opcode_pos_ = pos_;
+    std::uint8_t op = next_byte();
+    switch (op) {
+      case 0x80: {  // PROTO
+        std::uint8_t proto = next_byte();
+        if (proto > 5) fail(fmt::format("unsupported pickle protocol {}", proto));
+        break;
+      }
+      case 0x95:  // FRAME: only a read-ahead hint
+        take(8);
+        break;
+      case '.': {  // STOP
+        ValueId result = pop();
+        return result;
+      }
+      case '(':  // MARK
+        if (marks_.size() >= limits_.max_marks) fail("too many nested MARKs");
+        marks_.push_back(stack_.size());
+        break;
+      case '0':  // POP
+        if (!marks_.empty() && stack_.size() == marks_.back()) {
+          marks_.pop_back();  // CPython pops the mark when the stack top is a mark
+        } else {
+          pop();
+        }
+        break;
+      case '1':  // POP_MARK
+        pop_mark();
+        break;
+      case '2':  // DUP
+        push(top());
+        break;
+      case 'N':
+        push_new(Value{});
+        break;
+      case 0x88:
+      case 0x89: {  // NEWTRUE / NEWFALSE
+        Value v;
+        v.kind = ValueKind::Bool;
+        v.boolean = op == 0x88;
+        push_new(std::move(v));
+        break;
+      }
+      case 'I': {  // INT (text); "00"/"01" are protocol-0 booleans
+        std::string line = take_line();
+        Value v;
+        if (line == "00" || line == "01") {
+          v.kind = ValueKind::Bool;
+          v.boolean = line == "01";
+        } else {
+          v.kind = ValueKind::Int;
+          if (!parse_int64(line, v.integer)) fail("bad INT literal");
+        }
+        push_new(std::move(v));
+        break;
+      }
+      case 'L': {  // LONG (text)
+        std::string line = take_line();
+        if (!line.empty() && line.back() == 'L') line.pop_back();
+        Value v;
+        v.kind = ValueKind::Int;
+        if (!parse_int64(line, v.integer)) {
+          std::string_view digits = line;
+          bool neg = !digits.empty() && digits.front() == '-';
+          if (neg || (!digits.empty() && digits.front() == '+')) digits.remove_prefix(1);
+          if (digits.empty() || !std::all_of(digits.begin(), digits.end(), [](char ch) { return ch >= '0' && ch <= '9'; })) {
+            fail("bad LONG literal");
+          }
+          v.kind = ValueKind::BigInt;
+          v.text = (neg ? "-" : "") + std::string(digits);
+        }
+        push_new(std::move(v));
+        break;
+      }
+      case 'J': {
+        Value v;
+        v.kind = ValueKind::Int;
+        v.integer = static_cast<std::int32_t>(take_le<std::uint32_t>());
+        push_new(std::move(v));
+        break;
+      }
+      case 'K':
+      case 'M': {
+        Value v;
+        v.kind = ValueKind::Int;
+        v.integer = op == 'K' ? take_le<std::uint8_t>() : take_le<std::uint16_t>();
+        push_new(std::move(v));
+        break;
+      }
+      case 0x8a:
+        push(make_int_from_le(take(take_le<std::uint8_t>())));
+        break;
+      case 0x8b: {
+        auto n = static_cast<std::int32_t>(take_le<std::uint32_t>());
+        if (n < 0) fail("negative LONG4 length");
+        push(make_int_from_le(take(static_cast<std::uint64_t>(n))));
+        break;
+      }
+      case 'F': {  // FLOAT (text)
+        std::string line = take_line();
+        Value v;
+        v.kind = ValueKind::Float;
+        auto r = std::from_chars(line.data(), line.data() + line.size(), v.real);
+        if (r.ec != std::errc() || r.ptr != line.data() + line.size()) fail("bad FLOAT literal");
+        push_new(std::move(v));
+        break;
+      }
+      case 'G': {  // BINFLOAT: big-endian IEEE double
+        std::uint64_t bits = 0;
+        for (std::byte b : take(8)) bits = (bits << 8) | static_cast<std::uint8_t>(b);
+        Value v;
+        v.kind = ValueKind::Float;
+        v.real = std::bit_cast<double>(bits);
+        push_new(std::move(v));
+        break;
+      }
+      case 'S': {  // STRING (Python 2 str, decoded as UTF-8 like torch.load's default)
+        Value v;
+        v.kind = ValueKind::Str;
+        v.text = decode_python_string_literal(take_line());
+        push_new(std::move(v));
+        break;
+      }
+      case 'T':
+      case 'U': {  // BINSTRING / SHORT_BINSTRING
+        std::uint64_t n = op == 'U' ? take_le<std::uint8_t>() : take_le<std::uint32_t>();
+        Value v;
+        v.kind = ValueKind::Str;
+        v.text = take_string(n);
+        push_new(std::move(v));
+        break;
+      }
+      case 'V': {  // UNICODE (raw-unicode-escape text)
+        Value v;
+        v.kind = ValueKind::Str;
+        v.text = decode_raw_unicode_escape(take_line());
+        push_new(std::move(v));
+        break;
+      }
+      case 'X':
+      case 0x8c:
+      case 0x8d: {  // BINUNICODE / SHORT_BINUNICODE / BINUNICODE8
+        std::uint64_t n = op == 0x8c ? take_le<std::uint8_t>()
+                          : op == 'X' ? take_le<std::uint32_t>()
+                                      : take_le<std::uint64_t>();
+        Value v;
+        v.kind = ValueKind::Str;
+        v.text = take_string(n);
+        push_new(std::move(v));
+        break;
+      }
+      case 'B':
+      case 'C':
+      case 0x8e:
+      case 0x96: {  // BINBYTES / SHORT_BINBYTES / BINBYTES8 / BYTEARRAY8
+        std::uint64_t n = op == 'C' ? take_le<std::uint8_t>()
+                          : op == 'B' ? take_le<std::uint32_t>()
+                                      : take_le<std::uint64_t>();
+        Value v;
+        v.kind = ValueKind::Bytes;
+        v.text = take_string(n);
+        push_new(std::move(v));
+        break;
+      }
+      case ')':
+      case ']':
+      case '}':
+      case 0x8f: {  // EMPTY_TUPLE / EMPTY_LIST / EMPTY_DICT / EMPTY_SET
+        Value v;
+        v.kind = op == ')' ? ValueKind::Tuple : op == ']' ? ValueKind::List : op == '}' ? ValueKind::Dict : ValueKind::Set;
+        push_new(std::move(v));
+        break;
+      }
+      case 't':
+      case 'l':
+      case 0x91: {  // TUPLE / LIST / FROZENSET
+        Value v;
+        v.kind = op == 't' ? ValueKind::Tuple : op == 'l' ? ValueKind::List : ValueKind::Set;
+        v.items = pop_mark();
+        push_new(std::move(v));
+        break;
+      }
+      case 0x85:
+      case 0x86:
+      case 0x87: {  // TUPLE1..3
+        std::size_t n = static_cast<std::size_t>(op - 0x84);
+        Value v;
+        v.kind = ValueKind::Tuple;
+        v.items.resize(n);
+        for (std::size_t i = n; i-- > 0;) v.items[i] = pop();
+        push_new(std::move(v));
+        break;
+      }
+      case 'd': {  // DICT
+        Value v;
+        v.kind = ValueKind::Dict;
+        v.items = pop_mark();
+        if (v.items.size() % 2 != 0) fail("DICT with an odd number of items");
+        push_new(std::move(v));
+        break;
+      }
+      case 's': {  // SETITEM
+        ValueId value = pop();
+        ValueId key = pop();
+        const ValueId kv[2] = {key, value};
+        set_items(top(), kv);
+        break;
+      }
+      case 'u': {  // SETITEMS
+        auto kv = pop_mark();
+        set_items(top(), kv);
+        break;
+      }
+      case 'a': {  // APPEND
+        ValueId item = pop();
+        append_items(top(), std::span<const ValueId>(&item, 1));
+        break;
+      }
+      case 'e': {  // APPENDS
+        auto items = pop_mark();
+        append_items(top(), items);
+        break;
+      }
+      case 0x90: {  // ADDITEMS
+        auto items = pop_mark();
+        ValueId target = top();
+        if (arena_[target].kind != ValueKind::Set) fail("ADDITEMS on something that is not a set");
+        auto& dst = arena_[target].items;
+        dst.insert(dst.end(), items.begin(), items.end());
+        break;
+      }
+      case 'c': {  // GLOBAL
+        std::string module = take_line();
+        std::string name = take_line();
+        push(make_global(std::move(module), std::move(name)));
+        break;
+      }
+      case 0x93: {  // STACK_GLOBAL
+        ValueId name = pop();
+        ValueId module = pop();
+        if (arena_[name].kind != ValueKind::Str || arena_[module].kind != ValueKind::Str) {
+          fail("STACK_GLOBAL needs two strings");
+        }
+        push(make_global(arena_[module].text, arena_[name].text));
+        break;
+      }
+      case 'R': {  // REDUCE
+        ValueId args = pop();
+        ValueId callable = pop();
+        push(call(callable, args, false));
+        break;
+      }
+      case 0x81: {  // NEWOBJ
+        ValueId args = pop();
+        ValueId cls = pop();
+        push(call(cls, args, true));
+        break;
+      }
+      case 0x92: {  // NEWOBJ_EX: keyword arguments are dropped from the tree
+        pop();
+        ValueId args = pop();
+        ValueId cls = pop();
+        push(call(cls, args, true));
+        break;
+      }
+      case 'i': {  // INST
+        std::string module = take_line();
+        std::string name = take_line();
+        Value args;
+        args.kind = ValueKind::Tuple;
+        args.items = pop_mark();
+        ValueId args_id = arena_.add(std::move(args));
+        push(call(make_global(std::move(module), std::move(name)), args_id, true));
+        break;
+      }
+      case 'o': {  // OBJ
+        auto items = pop_mark();
+        if (items.empty()) fail("OBJ without a class");
+        Value args;
+        args.kind = ValueKind::Tuple;
+        args.items.assign(items.begin() + 1, items.end());
+        ValueId args_id = arena_.add(std::move(args));
+        push(call(items[0], args_id, true));
+        break;
+      }
+      case 'b': {  // BUILD: state is recorded, never applied by calling anything
+        ValueId state = pop();
+        ValueId target = top();
+        if (arena_[target].kind == ValueKind::Object) arena_[target].state = state;
+        break;
+      }
+      case 'P': {  // PERSID (text)
+        Value pid;
+        pid.kind = ValueKind::Str;
+        pid.text = take_line();
+        ValueId pid_id = arena_.add(std::move(pid));
+        Value v;
+        v.kind = ValueKind::PersistentRef;
+        v.items = {pid_id};
+        push_new(std::move(v));
+        break;
+      }
+      case 'Q': {  // BINPERSID
+        Value v;
+        v.kind = ValueKind::PersistentRef;
+        v.items = {pop()};
+        push_new(std::move(v));
+        break;
+      }
+      case 'p': {  // PUT (text)
+        std::int64_t idx = 0;
+        if (!parse_int64(take_line(), idx) || idx < 0) fail("bad PUT index");
+        memo_put(static_cast<std::uint64_t>(idx), top());
+        break;
+      }
+      case 'q':
+        memo_put(take_le<std::uint8_t>(), top());
+        break;
+      case 'r':
+        memo_put(take_le<std::uint32_t>(), top());
+        break;
+      case 0x94:  // MEMOIZE
+        memo_put(memo_.size(), top());
+        break;
+      case 'g': {  // GET (text)
+        std::int64_t idx = 0;
+        if (!parse_int64(take_line(), idx) || idx < 0) fail("bad GET index");
+        push(memo_get(static_cast<std::uint64_t>(idx)));
+        break;
+      }
+      case 'h':
+        push(memo_get(take_le<std::uint8_t>()));
+        break;
+      case 'j':
+        push(memo_get(take_le<std::uint32_t>()));
+        break;
+      case 0x98:  // READONLY_BUFFER: no effect on data
+        break;
+      case 0x82:
+      case 0x83:
+      case 0x84:
+        fail("extension-registry opcodes (EXT1/2/4) are not supported");
+      case 0x97:
+        fail("out-of-band buffers (NEXT_BUFFER) cannot occur in a file");
+      default:
+        fail(fmt::format("unknown opcode 0x{:02x}", op));
+    }
+  }
+}
+
+}  // namespace ckptfs

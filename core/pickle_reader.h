@@ -1,0 +1,71 @@
+// A pickle interpreter that only builds data (protocols 0-5, memo, framing).
+//
+// No callable is ever resolved or called: GLOBAL yields a name, REDUCE/NEWOBJ of a name yields
+// an opaque Object holding its arguments. The only calls interpreted are pure data
+// constructors (dict, OrderedDict, set, bytes via _codecs.encode, ...), so that containers
+// look like containers. Every size and count is bounded; violations throw FormatError.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "pickle_value.h"
+
+namespace ckptfs {
+
+struct PickleLimits {
+  std::size_t max_stack = 8u << 20;
+  std::size_t max_marks = 1u << 16;
+  std::size_t max_memo = 16u << 20;
+};
+
+class PickleReader {
+ public:
+  PickleReader(std::span<const std::byte> data, ValueArena& arena, PickleLimits limits = {});
+
+  // Interprets opcodes up to and including STOP and returns the value left on the stack.
+  ValueId read();
+
+  // Offset just past the STOP of the last read() (legacy files concatenate pickles).
+  std::size_t position() const { return pos_; }
+
+ private:
+  std::uint8_t next_byte();
+  std::span<const std::byte> take(std::uint64_t n);
+  std::string take_string(std::uint64_t n);
+  std::string take_line();
+  template <typename T>
+  T take_le();
+
+  ValueId push_new(Value v);
+  void push(ValueId id);
+  ValueId pop();
+  ValueId top();
+  std::vector<ValueId> pop_mark();
+  ValueId make_global(std::string module, std::string name);
+  ValueId make_int_from_le(std::span<const std::byte> bytes);
+  ValueId call(ValueId callable, ValueId args, bool newobj);
+  void set_items(ValueId target, std::span<const ValueId> kv);
+  void append_items(ValueId target, std::span<const ValueId> items);
+  void memo_put(std::uint64_t index, ValueId id);
+  ValueId memo_get(std::uint64_t index);
+  [[noreturn]] void fail(const std::string& what) const;
+
+  std::span<const std::byte> data_;
+  std::size_t pos_ = 0;
+  std::size_t opcode_pos_ = 0;
+  ValueArena& arena_;
+  PickleLimits limits_;
+  std::vector<ValueId> stack_;
+  std::vector<std::size_t> marks_;
+  std::unordered_map<std::uint64_t, ValueId> memo_;
+};
+
+// Decimal digits of a little-endian two's-complement integer of any length.
+std::string le_twos_complement_to_decimal(std::span<const std::byte> bytes);
+
+}  // namespace ckptfs

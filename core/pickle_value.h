@@ -1,0 +1,70 @@
+// The value graph a pickle describes, built without executing anything.
+//
+// Values live in an arena and refer to each other by index: the memo makes the graph a DAG
+// (and cycles are possible through objects under construction), so indices avoid both
+// ownership cycles and per-node heap churn.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace ckptfs {
+
+using ValueId = std::uint32_t;
+inline constexpr ValueId kNoValue = std::numeric_limits<ValueId>::max();
+
+enum class ValueKind : std::uint8_t {
+  None,
+  Bool,
+  Int,     // fits int64: |integer|
+  BigInt,  // does not fit int64: |text| holds its decimal digits (with a leading '-')
+  Float,
+  Str,    // |text| is UTF-8 as pickled (lone surrogates may appear, as Python's surrogatepass)
+  Bytes,  // |text| holds the raw bytes
+  Tuple,  // |items|
+  List,   // |items|
+  Set,    // |items|
+  Dict,   // |items| = key0, value0, key1, value1, ... in insertion order
+  Global,         // |text| = canonical "module.name" (Python 2 names mapped to Python 3)
+  Object,         // REDUCE/NEWOBJ/INST of anything that is not a plain data constructor
+  PersistentRef,  // BINPERSID: |items|[0] is the persistent id
+};
+
+struct Value {
+  ValueKind kind = ValueKind::None;
+  bool boolean = false;
+  std::int64_t integer = 0;
+  double real = 0;
+  std::string text;
+  std::vector<ValueId> items;
+  // Object only: the callable or class, its argument tuple, BUILD state, and the items that
+  // SETITEMS/APPENDS added to it (a Dict and a List value, created on demand).
+  ValueId cls = kNoValue;
+  ValueId args = kNoValue;
+  ValueId state = kNoValue;
+  ValueId dict_items = kNoValue;
+  ValueId list_items = kNoValue;
+};
+
+class ValueArena {
+ public:
+  explicit ValueArena(std::size_t max_values = 32u << 20) : max_values_(max_values) {}
+
+  // Throws FormatError when the limit is reached (a pickle bomb, not a checkpoint).
+  ValueId add(Value v);
+  Value& operator[](ValueId id) { return values_[id]; }
+  const Value& operator[](ValueId id) const { return values_[id]; }
+  std::size_t size() const { return values_.size(); }
+
+  bool is_global(ValueId id, std::string_view name) const {
+    return id != kNoValue && values_[id].kind == ValueKind::Global && values_[id].text == name;
+  }
+
+ private:
+  std::vector<Value> values_;
+  std::size_t max_values_;
+};
+
+}  // namespace ckptfs

@@ -1,0 +1,43 @@
+#include "tensor_reader.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "errors.h"
+
+namespace ckptfs {
+
+void TensorReader::gather(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const {
+  const std::uint64_t base = catalog_.storages()[t.storage].offset;
+  std::size_t done = 0;
+  t.layout->for_each_run(offset, dst.size(), [&](std::uint64_t storage_byte, std::uint64_t length) {
+    cache_.read(base + storage_byte, dst.subspan(done, static_cast<std::size_t>(length)));
+    done += static_cast<std::size_t>(length);
+  });
+}
+
+void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const {
+  if (!t.error.empty() || !t.layout) throw FormatError(t.error.empty() ? "tensor has no data" : t.error);
+  if (offset > t.nbytes || dst.size() > t.nbytes - offset) {
+    throw FormatError(fmt::format("read past the end of tensor '{}'", t.path));
+  }
+  const std::uint32_t unit = t.dtype.is_complex ? t.dtype.itemsize / 2 : t.dtype.itemsize;
+  if (!catalog_.big_endian() || unit <= 1) {
+    gather(t, offset, dst);
+    return;
+  }
+  // Swap whole elements: widen the range to element boundaries, then copy the asked part.
+  const std::uint64_t first = offset - offset % t.dtype.itemsize;
+  const std::uint64_t end = offset + dst.size();
+  const std::uint64_t last = std::min<std::uint64_t>(t.nbytes, (end + t.dtype.itemsize - 1) / t.dtype.itemsize * t.dtype.itemsize);
+  thread_local std::vector<std::byte> scratch;
+  scratch.resize(static_cast<std::size_t>(last - first));
+  gather(t, first, scratch);
+  for (std::size_t i = 0; i + unit <= scratch.size(); i += unit) std::reverse(scratch.begin() + static_cast<std::ptrdiff_t>(i), scratch.begin() + static_cast<std::ptrdiff_t>(i + unit));
+  std::memcpy(dst.data(), scratch.data() + (offset - first), dst.size());
+}
+
+}  // namespace ckptfs

@@ -1,0 +1,314 @@
+#include "zip_directory.h"
+
+#include <fmt/format.h>
+#include <zip.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstring>
+
+#include "errors.h"
+#include "little_endian.h"
+
+namespace ckptfs {
+namespace {
+
+constexpr std::uint32_t kLocalHeaderSig = 0x04034b50;
+constexpr std::uint32_t kCentralHeaderSig = 0x02014b50;
+constexpr std::uint32_t kEndOfCentralDirSig = 0x06054b50;
+constexpr std::uint32_t kZip64LocatorSig = 0x07064b50;
+constexpr std::uint32_t kZip64EndSig = 0x06064b50;
+constexpr std::size_t kEocdSize = 22;
+constexpr std::size_t kZip64LocatorSize = 20;
+constexpr std::size_t kZip64EndSize = 56;
+constexpr std::size_t kCentralHeaderSize = 46;
+constexpr std::size_t kLocalHeaderSize = 30;
+constexpr std::uint64_t kMaxEntries = 16u << 20;
+
+// libzip calls back into this to read the archive through the ByteSource.
+struct SourceContext {
+  const ByteSource* source = nullptr;
+  std::uint64_t position = 0;
+  zip_error_t error{};
+};
+
+zip_int64_t source_callback(void* userdata, void* data, zip_uint64_t len, zip_source_cmd_t cmd) {
+  auto* ctx = static_cast<SourceContext*>(userdata);
+  switch (cmd) {
+    case ZIP_SOURCE_OPEN:
+      ctx->position = 0;
+      return 0;
+    case ZIP_SOURCE_READ: {
+      std::uint64_t size = ctx->source->size();
+      std::uint64_t n = ctx->position >= size ? 0 : std::min<std::uint64_t>(len, size - ctx->position);
+      try {
+        ctx->source->read_at(ctx->position,
+                             std::span<std::byte>(static_cast<std::byte*>(data), n));
+      } catch (const IoError& e) {
+        zip_error_set(&ctx->error, ZIP_ER_READ, e.error_number());
+        return -1;
+      }
+      ctx->position += n;
+      return static_cast<zip_int64_t>(n);
+    }
+    case ZIP_SOURCE_CLOSE:
+    case ZIP_SOURCE_FREE:
+      return 0;
+    case ZIP_SOURCE_STAT: {
+      auto* st = static_cast<zip_stat_t*>(data);
+      zip_stat_init(st);
+      st->size = ctx->source->size();
+      st->valid |= ZIP_STAT_SIZE;
+      return sizeof(*st);
+    }
+    case ZIP_SOURCE_ERROR:
+      return zip_error_to_data(&ctx->error, data, len);
+    case ZIP_SOURCE_SEEK: {
+      zip_int64_t pos = zip_source_seek_compute_offset(ctx->position, ctx->source->size(), data,
+                                                       len, &ctx->error);
+      if (pos < 0) {
+        return -1;
+      }
+      ctx->position = static_cast<std::uint64_t>(pos);
+      return 0;
+    }
+    case ZIP_SOURCE_TELL:
+      return static_cast<zip_int64_t>(ctx->position);
+    case ZIP_SOURCE_SUPPORTS:
+      return zip_source_make_command_bitmap(ZIP_SOURCE_OPEN, ZIP_SOURCE_READ, ZIP_SOURCE_CLOSE,
+                                            ZIP_SOURCE_STAT, ZIP_SOURCE_ERROR, ZIP_SOURCE_FREE,
+                                            ZIP_SOURCE_SEEK, ZIP_SOURCE_TELL, ZIP_SOURCE_SUPPORTS,
+                                            -1);
+    default:
+      zip_error_set(&ctx->error, ZIP_ER_OPNOTSUPP, 0);
+      return -1;
+  }
+}
+
+std::string libzip_message(zip_error_t* error) { return zip_error_strerror(error); }
+
+}  // namespace
+
+struct ZipDirectory::LibzipState {
+  SourceContext context;
+  zip_t* archive = nullptr;
+  ~LibzipState() {
+    if (archive != nullptr) {
+      zip_discard(archive);
+    }
+    zip_error_fini(&context.error);
+  }
+};
+
+ZipDirectory::ZipDirectory(const ByteSource& source)
+    : source_(source), libzip_(std::make_unique<LibzipState>()) {
+  libzip_->context.source = &source;
+  zip_error_init(&libzip_->context.error);
+  zip_error_t error;
+  zip_error_init(&error);
+  zip_source_t* zs = zip_source_function_create(source_callback, &libzip_->context, &error);
+  if (zs == nullptr) {
+    std::string msg = libzip_message(&error);
+    zip_error_fini(&error);
+    throw FormatError("cannot read zip: " + msg);
+  }
+  libzip_->archive = zip_open_from_source(zs, ZIP_RDONLY, &error);
+  if (libzip_->archive == nullptr) {
+    zip_source_free(zs);
+    std::string msg = libzip_message(&error);
+    zip_error_fini(&error);
+    throw FormatError("not a readable zip archive (" + msg + ")");
+  }
+  zip_error_fini(&error);
+  walk_central_directory();
+  cross_check_with_libzip();
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    if (!by_name_.emplace(entries_[i].name, i).second) {
+      throw FormatError(fmt::format("zip has two entries named '{}'", entries_[i].name));
+    }
+  }
+}
+
+ZipDirectory::~ZipDirectory() = default;
+
+const ZipEntry* ZipDirectory::find(std::string_view name) const {
+  auto it = by_name_.find(std::string(name));
+  return it == by_name_.end() ? nullptr : &entries_[it->second];
+}
+
+void ZipDirectory::walk_central_directory() {
+  const std::uint64_t file_size = source_.size();
+  if (file_size < kEocdSize) {
+    throw FormatError("zip is too small to hold an end-of-central-directory record");
+  }
+  // The EOCD is followed by a comment of at most 65535 bytes.
+  std::uint64_t tail_len = std::min<std::uint64_t>(file_size, kEocdSize + 0xFFFF);
+  std::vector<std::byte> tail(tail_len);
+  source_.read_at(file_size - tail_len, tail);
+  std::int64_t eocd_in_tail = -1;
+  for (std::int64_t i = static_cast<std::int64_t>(tail_len - kEocdSize); i >= 0; --i) {
+    if (load_le<std::uint32_t>(tail.data() + i) == kEndOfCentralDirSig) {
+      eocd_in_tail = i;
+      break;
+    }
+  }
+  if (eocd_in_tail < 0) {
+    throw FormatError("zip end-of-central-directory record not found");
+  }
+  const std::byte* eocd = tail.data() + eocd_in_tail;
+  const std::uint64_t eocd_pos = file_size - tail_len + static_cast<std::uint64_t>(eocd_in_tail);
+  std::uint64_t count = load_le<std::uint16_t>(eocd + 10);
+  std::uint64_t cd_size = load_le<std::uint32_t>(eocd + 12);
+  std::uint64_t cd_offset = load_le<std::uint32_t>(eocd + 16);
+
+  if (eocd_pos >= kZip64LocatorSize) {
+    std::array<std::byte, kZip64LocatorSize> loc{};
+    source_.read_at(eocd_pos - kZip64LocatorSize, loc);
+    if (load_le<std::uint32_t>(loc.data()) == kZip64LocatorSig) {
+      std::uint64_t z64_pos = load_le<std::uint64_t>(loc.data() + 8);
+      if (z64_pos > file_size || file_size - z64_pos < kZip64EndSize) {
+        throw FormatError("zip64 end-of-central-directory offset lies outside the file");
+      }
+      std::array<std::byte, kZip64EndSize> z64{};
+      source_.read_at(z64_pos, z64);
+      if (load_le<std::uint32_t>(z64.data()) != kZip64EndSig) {
+        throw FormatError("zip64 end-of-central-directory record is corrupt");
+      }
+      count = load_le<std::uint64_t>(z64.data() + 32);
+      cd_size = load_le<std::uint64_t>(z64.data() + 40);
+      cd_offset = load_le<std::uint64_t>(z64.data() + 48);
+    }
+  }
+  if (cd_offset > file_size || cd_size > file_size - cd_offset) {
+    throw FormatError("zip central directory lies outside the file");
+  }
+  if (count > kMaxEntries || count * kCentralHeaderSize > cd_size) {
+    throw FormatError(fmt::format("zip declares {} entries, more than its directory can hold", count));
+  }
+  std::vector<std::byte> cd(cd_size);
+  source_.read_at(cd_offset, cd);
+  entries_.reserve(count);
+  std::size_t pos = 0;
+  for (std::uint64_t i = 0; i < count; ++i) {
+    if (cd_size - pos < kCentralHeaderSize ||
+        load_le<std::uint32_t>(cd.data() + pos) != kCentralHeaderSig) {
+      throw FormatError(fmt::format("zip central directory entry {} is corrupt", i));
+    }
+    const std::byte* h = cd.data() + pos;
+    ZipEntry e;
+    e.method = load_le<std::uint16_t>(h + 10);
+    e.compressed_size = load_le<std::uint32_t>(h + 20);
+    e.size = load_le<std::uint32_t>(h + 24);
+    std::size_t name_len = load_le<std::uint16_t>(h + 28);
+    std::size_t extra_len = load_le<std::uint16_t>(h + 30);
+    std::size_t comment_len = load_le<std::uint16_t>(h + 32);
+    e.local_header_offset = load_le<std::uint32_t>(h + 42);
+    std::size_t var_len = name_len + extra_len + comment_len;
+    if (cd_size - pos - kCentralHeaderSize < var_len) {
+      throw FormatError(fmt::format("zip central directory entry {} is truncated", i));
+    }
+    const std::byte* name = h + kCentralHeaderSize;
+    e.name.assign(reinterpret_cast<const char*>(name), name_len);
+    // ZIP64 extra field: the 64-bit values follow in a fixed order, present only for the
+    // fields whose 32-bit slot is saturated.
+    const std::byte* extra = name + name_len;
+    std::size_t x = 0;
+    while (x + 4 <= extra_len) {
+      std::uint16_t id = load_le<std::uint16_t>(extra + x);
+      std::uint16_t len = load_le<std::uint16_t>(extra + x + 2);
+      if (x + 4 + len > extra_len) {
+        break;
+      }
+      if (id == 0x0001) {
+        const std::byte* p = extra + x + 4;
+        std::size_t left = len;
+        auto take = [&](std::uint64_t& field) {
+          if (field == 0xFFFFFFFFu) {
+            if (left < 8) {
+              throw FormatError(fmt::format("zip64 extra field of '{}' is truncated", e.name));
+            }
+            field = load_le<std::uint64_t>(p);
+            p += 8;
+            left -= 8;
+          }
+        };
+        take(e.size);
+        take(e.compressed_size);
+        take(e.local_header_offset);
+      }
+      x += 4 + len;
+    }
+    entries_.push_back(std::move(e));
+    pos += kCentralHeaderSize + var_len;
+  }
+}
+
+void ZipDirectory::cross_check_with_libzip() const {
+  zip_int64_t n = zip_get_num_entries(libzip_->archive, 0);
+  if (n < 0 || static_cast<std::uint64_t>(n) != entries_.size()) {
+    throw FormatError("zip central directory is inconsistent (entry count)");
+  }
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    zip_stat_t st;
+    if (zip_stat_index(libzip_->archive, i, ZIP_FL_ENC_RAW, &st) != 0 ||
+        (st.valid & ZIP_STAT_NAME) == 0 || entries_[i].name != st.name ||
+        ((st.valid & ZIP_STAT_SIZE) != 0 && st.size != entries_[i].size) ||
+        ((st.valid & ZIP_STAT_COMP_SIZE) != 0 && st.comp_size != entries_[i].compressed_size)) {
+      throw FormatError(fmt::format("zip central directory is inconsistent at entry {}", i));
+    }
+  }
+}
+
+std::uint64_t ZipDirectory::data_offset(const ZipEntry& entry) const {
+  const std::uint64_t file_size = source_.size();
+  if (entry.local_header_offset > file_size ||
+      file_size - entry.local_header_offset < kLocalHeaderSize) {
+    throw FormatError(fmt::format("zip entry '{}' points outside the file", entry.name));
+  }
+  std::array<std::byte, kLocalHeaderSize> h{};
+  source_.read_at(entry.local_header_offset, h);
+  if (load_le<std::uint32_t>(h.data()) != kLocalHeaderSig) {
+    throw FormatError(fmt::format("zip entry '{}' has a corrupt local header", entry.name));
+  }
+  std::uint64_t data = entry.local_header_offset + kLocalHeaderSize +
+                       load_le<std::uint16_t>(h.data() + 26) + load_le<std::uint16_t>(h.data() + 28);
+  if (data > file_size || entry.compressed_size > file_size - data) {
+    throw FormatError(fmt::format("zip entry '{}' runs past the end of the file (truncated?)",
+                                  entry.name));
+  }
+  return data;
+}
+
+std::string ZipDirectory::read_entry(const ZipEntry& entry, std::uint64_t max_bytes) const {
+  if (entry.size > max_bytes) {
+    throw FormatError(fmt::format("zip entry '{}' is {} bytes, over the limit of {}", entry.name,
+                                  entry.size, max_bytes));
+  }
+  std::string out(entry.size, '\0');
+  if (entry.method == 0) {
+    // Stored: read it directly, which also tolerates the bogus CRCs some torch versions write.
+    source_.read_at(data_offset(entry), std::as_writable_bytes(std::span(out)));
+    return out;
+  }
+  zip_int64_t index = zip_name_locate(libzip_->archive, entry.name.c_str(), ZIP_FL_ENC_RAW);
+  zip_file_t* f = index < 0 ? nullptr : zip_fopen_index(libzip_->archive, index, 0);
+  if (f == nullptr) {
+    throw FormatError(fmt::format("cannot open zip entry '{}': {}", entry.name,
+                                  zip_strerror(libzip_->archive)));
+  }
+  std::uint64_t done = 0;
+  while (done < out.size()) {
+    zip_int64_t n = zip_fread(f, out.data() + done, out.size() - done);
+    if (n <= 0) {
+      std::string msg = zip_file_strerror(f);
+      zip_fclose(f);
+      throw FormatError(fmt::format("cannot read zip entry '{}': {}", entry.name, msg));
+    }
+    done += static_cast<std::uint64_t>(n);
+  }
+  zip_fclose(f);
+  return out;
+}
+
+}  // namespace ckptfs

@@ -1,0 +1,61 @@
+// The central directory of a zip archive, read through a ByteSource.
+//
+// libzip opens and validates the archive (through a zip_source that reads the ByteSource, so no
+// local fd is assumed) and reads small or compressed records. libzip 1.7 has no call for the
+// absolute offset of an entry's data, which the block cache needs to serve stored records by
+// offset; a small walker of our own reads the central directory for local-header offsets, and
+// the two views are cross-checked so a malformed archive cannot mean one thing to libzip and
+// another to us.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "byte_source.h"
+
+namespace ckptfs {
+
+struct ZipEntry {
+  std::string name;
+  std::uint64_t local_header_offset = 0;
+  std::uint64_t compressed_size = 0;
+  std::uint64_t size = 0;
+  std::uint16_t method = 0;  // 0 = stored, 8 = deflate, ...
+};
+
+class ZipDirectory {
+ public:
+  // Throws FormatError if |source| is not a readable zip archive.
+  explicit ZipDirectory(const ByteSource& source);
+  ~ZipDirectory();
+  ZipDirectory(const ZipDirectory&) = delete;
+  ZipDirectory& operator=(const ZipDirectory&) = delete;
+
+  const std::vector<ZipEntry>& entries() const { return entries_; }
+  const ZipEntry* find(std::string_view name) const;
+
+  // Absolute offset of the entry's first data byte (read from its local header, whose extra
+  // field length differs from the central one because torch pads it for alignment).
+  // Throws FormatError if the local header is malformed or the data runs past the file.
+  std::uint64_t data_offset(const ZipEntry& entry) const;
+
+  // The whole (decompressed) content of a small record. Throws FormatError if it is larger
+  // than |max_bytes|. Not thread-safe (libzip handles are not); use at load time only.
+  std::string read_entry(const ZipEntry& entry, std::uint64_t max_bytes) const;
+
+ private:
+  struct LibzipState;
+  void walk_central_directory();
+  void cross_check_with_libzip() const;
+
+  const ByteSource& source_;
+  std::unique_ptr<LibzipState> libzip_;
+  std::vector<ZipEntry> entries_;
+  std::unordered_map<std::string, std::size_t> by_name_;
+};
+
+}  // namespace ckptfs

@@ -1,0 +1,89 @@
+#include "cli_options.h"
+
+#include <fmt/format.h>
+#include <getopt.h>
+
+#include <charconv>
+#include <cstdio>
+
+#include "version.h"
+
+namespace ckptfs {
+
+std::string usage_text() {
+  return R"(usage: ckptfs [options] CHECKPOINT MOUNTPOINT
+
+Mounts a PyTorch checkpoint (torch.save zip format) read-only at MOUNTPOINT: every tensor
+becomes a raw file (C order, little-endian, its own dtype) with a NAME.json sidecar, and every
+other value a .json file. /.ckptfs/index.json lists all tensors; /.ckptfs/stats shows the cache.
+
+options:
+  --limit-mb N      memory budget of the block cache in MiB (default 1024)
+  -f, --foreground  stay in the foreground (default: detach once the mount is ready)
+  -d, --debug       log every FUSE request to stderr (implies -f)
+  -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other)
+  -h, --help        show this help and exit
+  -V, --version     show the version and exit
+
+Unmount with `fusermount3 -u MOUNTPOINT`, or stop the daemon with SIGINT/SIGTERM.
+)";
+}
+
+CliParse parse_cli(int argc, char** argv) {
+  enum { kLimitMb = 1000 };
+  static const option kLong[] = {
+      {"limit-mb", required_argument, nullptr, kLimitMb}, {"foreground", no_argument, nullptr, 'f'},
+      {"debug", no_argument, nullptr, 'd'},               {"help", no_argument, nullptr, 'h'},
+      {"version", no_argument, nullptr, 'V'},             {nullptr, 0, nullptr, 0},
+  };
+  CliOptions opts;
+  optind = 1;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, ":fdo:hV", kLong, nullptr)) != -1) {
+    switch (c) {
+      case kLimitMb: {
+        std::string_view v = optarg;
+        std::uint64_t n = 0;
+        auto r = std::from_chars(v.data(), v.data() + v.size(), n);
+        if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n == 0 || n > (1u << 24)) {
+          std::fprintf(stderr, "ckptfs: --limit-mb needs a whole number of MiB from 1 to 16777216, not '%s'\n", optarg);
+          return {std::nullopt, 2};
+        }
+        opts.limit_mb = n;
+        break;
+      }
+      case 'f':
+        opts.foreground = true;
+        break;
+      case 'd':
+        opts.debug = true;
+        opts.foreground = true;
+        break;
+      case 'o':
+        opts.fuse_options.emplace_back(optarg);
+        break;
+      case 'h':
+        std::fputs(usage_text().c_str(), stdout);
+        return {std::nullopt, 0};
+      case 'V':
+        std::printf("ckptfs %s\n", kCkptfsVersion);
+        return {std::nullopt, 0};
+      case ':':
+        std::fprintf(stderr, "ckptfs: option '%s' needs a value (see ckptfs --help)\n", argv[optind - 1]);
+        return {std::nullopt, 2};
+      default:
+        std::fprintf(stderr, "ckptfs: unknown option '%s' (see ckptfs --help)\n", argv[optind - 1]);
+        return {std::nullopt, 2};
+    }
+  }
+  if (argc - optind != 2) {
+    std::fprintf(stderr, "ckptfs: expected CHECKPOINT and MOUNTPOINT (see ckptfs --help)\n");
+    return {std::nullopt, 2};
+  }
+  opts.checkpoint = argv[optind];
+  opts.mountpoint = argv[optind + 1];
+  return {std::move(opts), 0};
+}
+
+}  // namespace ckptfs

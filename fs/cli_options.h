@@ -1,0 +1,29 @@
+// Command-line options of the ckptfs daemon.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace ckptfs {
+
+struct CliOptions {
+  std::string checkpoint;
+  std::string mountpoint;
+  std::uint64_t limit_mb = 1024;
+  bool foreground = false;
+  bool debug = false;
+  std::vector<std::string> fuse_options;  // each a comma-separated -o list
+};
+
+// What parsing decided: run with options, or exit now with |exit_code| (help, version, error).
+struct CliParse {
+  std::optional<CliOptions> options;
+  int exit_code = 0;
+};
+
+CliParse parse_cli(int argc, char** argv);
+std::string usage_text();
+
+}  // namespace ckptfs

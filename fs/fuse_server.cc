@@ -1,0 +1,312 @@
+#include "fuse_server.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "errors.h"
+
+namespace ckptfs {
+namespace {
+
+// The checkpoint is immutable for the life of the mount: let the kernel cache names and
+// attributes for as long as it likes.
+constexpr double kForever = 365.0 * 24 * 3600;
+constexpr std::uint64_t kMaxLoggedErrors = 50;
+
+MountState& state_of(fuse_req_t req) { return *static_cast<MountState*>(fuse_req_userdata(req)); }
+
+// Inode numbers are catalog node indices plus one (FUSE_ROOT_ID is 1 = the root node 0).
+bool node_of(const MountState& s, fuse_ino_t ino, NodeIndex& out) {
+  if (ino < 1 || ino > s.catalog.node_count()) return false;
+  out = static_cast<NodeIndex>(ino - 1);
+  return true;
+}
+
+void log_error(MountState& s, const std::string& what) {
+  ++s.read_errors;
+  if (s.logged_errors.fetch_add(1) < kMaxLoggedErrors) std::fprintf(stderr, "ckptfs: %s\n", what.c_str());
+}
+
+struct stat make_stat(const MountState& s, NodeIndex i) {
+  struct stat st {};
+  const Node& n = s.catalog.node(i);
+  st.st_ino = i + 1;
+  st.st_uid = s.uid;
+  st.st_gid = s.gid;
+  st.st_atim = st.st_mtim = st.st_ctim = s.mtime;
+  st.st_blksize = 4096;
+  switch (n.kind) {
+    case NodeKind::Directory:
+      st.st_mode = S_IFDIR | 0555;
+      st.st_nlink = 2;
+      break;
+    case NodeKind::TensorData: {
+      const TensorInfo& t = s.catalog.tensors()[n.tensor];
+      st.st_mode = S_IFREG | 0444;
+      st.st_nlink = 1;
+      st.st_size = static_cast<off_t>(t.nbytes);
+      st.st_blocks = static_cast<blkcnt_t>((t.nbytes + 511) / 512);  // du counts tensor bytes
+      break;
+    }
+    case NodeKind::StatsFile:
+      st.st_mode = S_IFREG | 0444;
+      st.st_nlink = 1;
+      st.st_size = static_cast<off_t>(render_stats(s).size());
+      break;
+    default:  // generated JSON: du counts (almost) nothing for it
+      st.st_mode = S_IFREG | 0444;
+      st.st_nlink = 1;
+      st.st_size = static_cast<off_t>(s.catalog.generated_size(i));
+      break;
+  }
+  return st;
+}
+
+void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  MountState& s = state_of(req);
+  NodeIndex dir;
+  if (!node_of(s, parent, dir) || s.catalog.node(dir).kind != NodeKind::Directory) {
+    fuse_reply_err(req, ENOTDIR);
+    return;
+  }
+  fuse_entry_param e{};
+  e.attr_timeout = kForever;
+  e.entry_timeout = kForever;
+  NodeIndex child = s.catalog.lookup(dir, name);
+  if (child == kNoNode) {
+    e.ino = 0;  // a negative entry the kernel may cache: the tree never changes
+    fuse_reply_entry(req, &e);
+    return;
+  }
+  try {
+    e.ino = child + 1;
+    e.attr = make_stat(s, child);
+    fuse_reply_entry(req, &e);
+  } catch (const std::exception& ex) {
+    log_error(s, fmt::format("lookup of '{}': {}", name, ex.what()));
+    fuse_reply_err(req, EIO);
+  }
+}
+
+void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  MountState& s = state_of(req);
+  NodeIndex i;
+  if (!node_of(s, ino, i)) {
+    fuse_reply_err(req, ENOENT);
+    return;
+  }
+  try {
+    struct stat st = make_stat(s, i);
+    fuse_reply_attr(req, &st, kForever);
+  } catch (const std::exception& ex) {
+    log_error(s, fmt::format("getattr: {}", ex.what()));
+    fuse_reply_err(req, EIO);
+  }
+}
+
+void op_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  MountState& s = state_of(req);
+  NodeIndex i;
+  if (!node_of(s, ino, i)) {
+    fuse_reply_err(req, ENOENT);
+    return;
+  }
+  if (s.catalog.node(i).kind != NodeKind::Directory) {
+    fuse_reply_err(req, ENOTDIR);
+    return;
+  }
+  fi->keep_cache = 1;
+  fi->cache_readdir = 1;
+  fuse_reply_open(req, fi);
+}
+
+void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plus) {
+  MountState& s = state_of(req);
+  NodeIndex dir;
+  if (!node_of(s, ino, dir) || s.catalog.node(dir).kind != NodeKind::Directory) {
+    fuse_reply_err(req, ENOTDIR);
+    return;
+  }
+  const Node& d = s.catalog.node(dir);
+  // Offsets: 0 = ".", 1 = "..", 2 + k = the k-th child.
+  std::vector<char> buf(size);
+  std::size_t used = 0;
+  const auto total = static_cast<off_t>(d.children.size() + 2);
+  for (off_t pos = off; pos < total; ++pos) {
+    NodeIndex target = pos == 0 ? dir : pos == 1 ? (d.parent == kNoNode ? dir : d.parent) : d.children[static_cast<std::size_t>(pos - 2)];
+    const char* name = pos == 0 ? "." : pos == 1 ? ".." : s.catalog.node(target).name.c_str();
+    struct stat st = make_stat(s, target);
+    std::size_t need;
+    if (plus) {
+      fuse_entry_param e{};
+      e.attr = st;
+      e.attr_timeout = kForever;
+      e.entry_timeout = kForever;
+      // "." and ".." must not take a lookup reference.
+      e.ino = pos < 2 ? 0 : target + 1;
+      if (pos < 2) e.attr.st_ino = target + 1;
+      need = fuse_add_direntry_plus(req, buf.data() + used, size - used, name, &e, pos + 1);
+    } else {
+      need = fuse_add_direntry(req, buf.data() + used, size - used, name, &st, pos + 1);
+    }
+    if (need > size - used) break;
+    used += need;
+  }
+  fuse_reply_buf(req, buf.data(), used);
+}
+
+void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  do_readdir(req, ino, size, off, false);
+}
+
+void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  do_readdir(req, ino, size, off, true);
+}
+
+void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  MountState& s = state_of(req);
+  NodeIndex i;
+  if (!node_of(s, ino, i)) {
+    fuse_reply_err(req, ENOENT);
+    return;
+  }
+  const Node& n = s.catalog.node(i);
+  if (n.kind == NodeKind::Directory) {
+    fuse_reply_err(req, EISDIR);
+    return;
+  }
+  if ((fi->flags & O_ACCMODE) != O_RDONLY) {
+    fuse_reply_err(req, EROFS);
+    return;
+  }
+  if (n.kind == NodeKind::StatsFile) {
+    fi->direct_io = 1;  // fresh numbers on every read, never cached
+  } else {
+    // Without keep_cache every open() would drop every reader's cached pages of this file.
+    fi->keep_cache = 1;
+  }
+  fi->noflush = 1;
+  fuse_reply_open(req, fi);
+}
+
+void reply_slice(fuse_req_t req, std::string_view content, size_t size, off_t off) {
+  auto start = static_cast<std::size_t>(off);
+  if (start >= content.size()) {
+    fuse_reply_buf(req, nullptr, 0);
+    return;
+  }
+  fuse_reply_buf(req, content.data() + start, std::min(size, content.size() - start));
+}
+
+void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  MountState& s = state_of(req);
+  NodeIndex i;
+  if (!node_of(s, ino, i) || off < 0) {
+    fuse_reply_err(req, EINVAL);
+    return;
+  }
+  const Node& n = s.catalog.node(i);
+  try {
+    switch (n.kind) {
+      case NodeKind::TensorData: {
+        const TensorInfo& t = s.catalog.tensors()[n.tensor];
+        if (!t.error.empty()) {
+          log_error(s, fmt::format("read of '{}': {}", t.path, t.error));
+          fuse_reply_err(req, EIO);
+          return;
+        }
+        auto start = static_cast<std::uint64_t>(off);
+        if (start >= t.nbytes) {
+          fuse_reply_buf(req, nullptr, 0);
+          return;
+        }
+        std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(size, t.nbytes - start));
+        // One reply buffer per worker thread, reused: no allocation or first touch per read.
+        thread_local std::vector<std::byte> buffer;
+        if (buffer.size() < len) buffer.resize(len);
+        s.reader.read(t, start, std::span(buffer.data(), len));
+        fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len);
+        return;
+      }
+      case NodeKind::TensorSidecar:
+        reply_slice(req, s.catalog.sidecar_json(s.catalog.tensors()[n.tensor]), size, off);
+        return;
+      case NodeKind::JsonValue:
+        reply_slice(req, n.text, size, off);
+        return;
+      case NodeKind::IndexFile:
+        reply_slice(req, s.catalog.index_json(), size, off);
+        return;
+      case NodeKind::StatsFile:
+        reply_slice(req, render_stats(s), size, off);
+        return;
+      case NodeKind::Directory:
+        fuse_reply_err(req, EISDIR);
+        return;
+    }
+  } catch (const IoError& ex) {
+    log_error(s, fmt::format("read of '{}': {}", s.catalog.relative_path(i), ex.what()));
+    fuse_reply_err(req, EIO);
+  } catch (const std::bad_alloc&) {
+    fuse_reply_err(req, ENOMEM);
+  } catch (const std::exception& ex) {
+    log_error(s, fmt::format("read of '{}': {}", s.catalog.relative_path(i), ex.what()));
+    fuse_reply_err(req, EIO);
+  }
+}
+
+void op_statfs(fuse_req_t req, fuse_ino_t) {
+  MountState& s = state_of(req);
+  struct statvfs sv {};
+  std::uint64_t bytes = 0;
+  for (const auto& t : s.catalog.tensors()) bytes += t.nbytes;
+  sv.f_bsize = 4096;
+  sv.f_frsize = 4096;
+  sv.f_blocks = (bytes + 4095) / 4096;
+  sv.f_files = s.catalog.node_count();
+  sv.f_namemax = 255;
+  fuse_reply_statfs(req, &sv);
+}
+
+fuse_lowlevel_ops make_ops() {
+  fuse_lowlevel_ops ops{};
+  ops.lookup = op_lookup;
+  ops.getattr = op_getattr;
+  ops.opendir = op_opendir;
+  ops.readdir = op_readdir;
+  ops.readdirplus = op_readdirplus;
+  ops.open = op_open;
+  ops.read = op_read;
+  ops.statfs = op_statfs;
+  return ops;
+}
+
+}  // namespace
+
+const fuse_lowlevel_ops& fuse_operations() {
+  static const fuse_lowlevel_ops ops = make_ops();
+  return ops;
+}
+
+std::string render_stats(const MountState& state) {
+  BlockCache::Stats c = state.cache.stats();
+  return fmt::format(
+      "{{\n  \"limit_bytes\": {},\n  \"block_size\": {},\n  \"blocks\": {},\n  \"daemon_resident_bytes\": {},\n"
+      "  \"lookups\": {},\n  \"hits\": {},\n  \"misses\": {},\n  \"evictions\": {},\n"
+      "  \"bytes_read_from_checkpoint\": {},\n  \"checkpoint_read_errors\": {},\n  \"read_errors\": {},\n"
+      "  \"tensors\": {},\n  \"storages\": {}\n}}\n",
+      c.limit_bytes, c.block_size, c.blocks, c.resident_bytes, c.hits + c.misses, c.hits, c.misses, c.evictions,
+      c.bytes_read, c.read_errors, state.read_errors.load(), state.catalog.tensors().size(),
+      state.catalog.storages().size());
+}
+
+}  // namespace ckptfs

@@ -1,0 +1,157 @@
+// ckptfs daemon: open the checkpoint, build the catalog, mount, serve until unmounted.
+//
+// Everything that can fail because of the input happens before the mount, so a bad
+// checkpoint gives one line on stderr and no mount. The mount happens before detaching, so
+// `ckptfs a.pt m && ls m` works and the exit code carries mount errors.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "byte_source.h"
+#include "checkpoint_loader.h"
+#include "cli_options.h"
+#include "errors.h"
+#include "fuse_server.h"
+
+namespace ckptfs {
+namespace {
+
+constexpr std::size_t kMaxWarningLines = 20;
+
+struct FuseArgs {
+  std::vector<std::string> storage;
+  std::vector<char*> argv;
+  fuse_args args{};
+  explicit FuseArgs(std::vector<std::string> a) : storage(std::move(a)) {
+    for (auto& s : storage) argv.push_back(s.data());
+    args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  }
+  ~FuseArgs() { fuse_opt_free_args(&args); }
+  FuseArgs(const FuseArgs&) = delete;
+  FuseArgs& operator=(const FuseArgs&) = delete;
+};
+
+struct SessionDeleter {
+  void operator()(fuse_session* se) const { fuse_session_destroy(se); }
+};
+using SessionPtr = std::unique_ptr<fuse_session, SessionDeleter>;
+
+// Unmounts and removes signal handlers on every exit path once mounted.
+class MountGuard {
+ public:
+  explicit MountGuard(fuse_session* se) : se_(se) {}
+  ~MountGuard() {
+    fuse_session_unmount(se_);
+    fuse_remove_signal_handlers(se_);
+  }
+  MountGuard(const MountGuard&) = delete;
+  MountGuard& operator=(const MountGuard&) = delete;
+
+ private:
+  fuse_session* se_;
+};
+
+std::string fsname_for(const std::string& path) {
+  std::string s = path;
+  for (char& c : s) {
+    if (c == ',' || c == '\\') c = '_';  // commas separate mount options
+  }
+  return s;
+}
+
+int run(const CliOptions& opts) {
+  std::unique_ptr<LocalFileSource> source;
+  TensorCatalog catalog;
+  try {
+    source = std::make_unique<LocalFileSource>(opts.checkpoint);
+    catalog = load_checkpoint(*source);
+  } catch (const CkptError& e) {
+    std::fprintf(stderr, "ckptfs: %s: %s\n", opts.checkpoint.c_str(), e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "ckptfs: %s: out of memory while reading the checkpoint\n", opts.checkpoint.c_str());
+    return 1;
+  }
+  const auto& warnings = catalog.warnings();
+  for (std::size_t i = 0; i < warnings.size() && i < kMaxWarningLines; ++i) {
+    std::fprintf(stderr, "ckptfs: warning: %s\n", warnings[i].c_str());
+  }
+  if (warnings.size() > kMaxWarningLines) {
+    std::fprintf(stderr, "ckptfs: warning: ... and %zu more (see the sidecars' \"error\" fields)\n",
+                 warnings.size() - kMaxWarningLines);
+  }
+
+  struct stat mst {};
+  if (::stat(opts.mountpoint.c_str(), &mst) != 0) {
+    std::fprintf(stderr, "ckptfs: mountpoint '%s': %s\n", opts.mountpoint.c_str(), std::strerror(errno));
+    return 1;
+  }
+  if (!S_ISDIR(mst.st_mode)) {
+    std::fprintf(stderr, "ckptfs: mountpoint '%s' is not a directory\n", opts.mountpoint.c_str());
+    return 1;
+  }
+
+  // The cache memory is reserved (not touched) before forking: no threads exist yet.
+  std::unique_ptr<BlockCache> cache;
+  try {
+    cache = std::make_unique<BlockCache>(*source, opts.limit_mb << 20);
+  } catch (const CkptError& e) {
+    std::fprintf(stderr, "ckptfs: %s\n", e.what());
+    return 1;
+  }
+  MountState state(catalog, *cache);
+  state.mtime = source->mtime();
+  state.uid = ::getuid();
+  state.gid = ::getgid();
+
+  std::vector<std::string> args = {"ckptfs", "-o", "ro,subtype=ckptfs,fsname=" + fsname_for(opts.checkpoint)};
+  for (const auto& o : opts.fuse_options) {
+    args.push_back("-o");
+    args.push_back(o);
+  }
+  if (opts.debug) args.push_back("-d");
+  FuseArgs fargs(std::move(args));
+
+  SessionPtr se(fuse_session_new(&fargs.args, &fuse_operations(), sizeof(fuse_lowlevel_ops), &state));
+  if (!se) {
+    std::fprintf(stderr, "ckptfs: could not start a FUSE session (bad -o option?)\n");
+    return 1;
+  }
+  if (fuse_set_signal_handlers(se.get()) != 0) {
+    std::fprintf(stderr, "ckptfs: could not install signal handlers\n");
+    return 1;
+  }
+  if (fuse_session_mount(se.get(), opts.mountpoint.c_str()) != 0) {
+    fuse_remove_signal_handlers(se.get());
+    std::fprintf(stderr, "ckptfs: could not mount on '%s' (is /dev/fuse available and fusermount3 installed?)\n",
+                 opts.mountpoint.c_str());
+    return 1;
+  }
+  MountGuard guard(se.get());
+  if (fuse_daemonize(opts.foreground ? 1 : 0) != 0) {
+    std::fprintf(stderr, "ckptfs: could not detach\n");
+    return 1;
+  }
+
+  fuse_loop_config* cfg = fuse_loop_cfg_create();
+  fuse_loop_cfg_set_clone_fd(cfg, 0);
+  fuse_loop_cfg_set_max_threads(cfg, 16);
+  int rc = fuse_session_loop_mt(se.get(), cfg);
+  fuse_loop_cfg_destroy(cfg);
+  return rc == 0 ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace ckptfs
+
+int main(int argc, char** argv) {
+  ckptfs::CliParse parsed = ckptfs::parse_cli(argc, argv);
+  if (!parsed.options) return parsed.exit_code;
+  return ckptfs::run(*parsed.options);
+}
