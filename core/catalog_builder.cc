@@ -24,6 +24,16 @@ bool is_tensor_function(const std::string& name) {
          name == "torch._tensor._rebuild_from_type" || name == "torch._utils._rebuild_qtensor";
 }
 
+// The size stat reports, even for a tensor that turns out to be unservable (whose open then
+// fails with EIO): 0 only when the shape itself is nonsense.
+std::uint64_t logical_nbytes(const std::vector<std::int64_t>& shape, std::uint32_t itemsize) {
+  std::uint64_t n = itemsize;
+  for (auto d : shape) {
+    if (d < 0 || __builtin_mul_overflow(n, static_cast<std::uint64_t>(d), &n)) return 0;
+  }
+  return n;
+}
+
 }  // namespace
 
 CatalogBuilder::CatalogBuilder(const ValueArena& arena, TensorCatalog& catalog, StorageResolver resolver)
@@ -122,6 +132,7 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
     }
     t.dtype = *dt;
   }
+  t.nbytes = logical_nbytes(t.shape, t.dtype.itemsize);
   if (!rs.error.empty()) {
     t.error = rs.error;
     return p;

@@ -29,11 +29,13 @@ TensorCatalog load_torch_zip(const ByteSource& source) {
     throw FormatError("zip archive is not a torch.save checkpoint (its first entry has no directory prefix)");
   }
   const std::string prefix = first.substr(0, slash + 1);
+  // TorchScript archives also hold a data.pkl (with __torch__ classes); torch itself tells
+  // them apart by constants.pkl.
+  if (zip.find(prefix + "constants.pkl") != nullptr) {
+    throw FormatError("this is a TorchScript archive (torch.jit.save), not a torch.save checkpoint");
+  }
   const ZipEntry* pkl = zip.find(prefix + "data.pkl");
   if (pkl == nullptr) {
-    if (zip.find(prefix + "constants.pkl") != nullptr) {
-      throw FormatError("this is a TorchScript archive (torch.jit.save), not a torch.save checkpoint");
-    }
     throw FormatError(fmt::format("zip archive has no '{}data.pkl': not a torch.save checkpoint", prefix));
   }
 

@@ -56,9 +56,9 @@ void append_json_string(std::string& out, std::string_view s) {
 
 void append_json_number(std::string& out, double v) {
   if (std::isnan(v)) {
-    out += "\"NaN\"";
+    out += "\"nan\"";
   } else if (std::isinf(v)) {
-    out += v > 0 ? "\"Infinity\"" : "\"-Infinity\"";
+    out += v > 0 ? "\"inf\"" : "\"-inf\"";
   } else {
     std::string s = fmt::format("{}", v);
     if (s.find_first_of(".e") == std::string::npos) s += ".0";

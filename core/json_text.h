@@ -13,7 +13,8 @@ namespace ckptfs {
 void append_json_string(std::string& out, std::string_view s);
 
 // Appends a double the way Python's repr reads back (shortest round trip, always with a '.'
-// or exponent). NaN and infinities, which JSON lacks, are written as strings.
+// or exponent). NaN and infinities, which JSON lacks, are written as the strings Python's
+// float() reads: "nan", "inf", "-inf".
 void append_json_number(std::string& out, double v);
 
 void append_json_int_array(std::string& out, const std::vector<std::int64_t>& v);

@@ -188,6 +188,12 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     fuse_reply_err(req, EROFS);
     return;
   }
+  // A tensor that cannot be served fails loudly at open: never an empty or partial file.
+  if (n.kind == NodeKind::TensorData && !s.catalog.tensors()[n.tensor].error.empty()) {
+    log_error(s, fmt::format("open of '{}': {}", s.catalog.relative_path(i), s.catalog.tensors()[n.tensor].error));
+    fuse_reply_err(req, EIO);
+    return;
+  }
   if (n.kind == NodeKind::StatsFile) {
     fi->direct_io = 1;  // fresh numbers on every read, never cached
   } else {

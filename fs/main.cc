@@ -144,7 +144,9 @@ int run(const CliOptions& opts) {
   fuse_loop_cfg_set_max_threads(cfg, 16);
   int rc = fuse_session_loop_mt(se.get(), cfg);
   fuse_loop_cfg_destroy(cfg);
-  return rc == 0 ? 0 : 1;
+  // libfuse reports an exit by SIGINT/SIGTERM/SIGHUP as the (positive) signal number: that is
+  // a requested, clean shutdown. Negative values are errors.
+  return rc < 0 ? 1 : 0;
 }
 
 }  // namespace

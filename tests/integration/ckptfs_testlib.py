@@ -1,0 +1,147 @@
+"""Helpers shared by the integration tests: FUSE availability, mounting, torch ground truth.
+
+Every expected value comes from real torch (torch.load of the same file), never from ckptfs.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+BINARY = os.environ.get("CKPTFS_BINARY") or os.path.join(os.path.dirname(__file__), "..", "..", "build", "ckptfs")
+MOUNT_TIMEOUT_S = 30
+
+
+def require_fuse():
+    """Fails loudly (never skips) when FUSE cannot be used: CI machines have it."""
+    problems = []
+    if not os.path.exists("/dev/fuse"):
+        problems.append("/dev/fuse does not exist")
+    else:
+        try:
+            os.close(os.open("/dev/fuse", os.O_RDWR))
+        except OSError as e:
+            problems.append(f"/dev/fuse cannot be opened: {e}")
+    if shutil.which("fusermount3") is None:
+        problems.append("fusermount3 is not installed (apt-get install fuse3)")
+    if problems:
+        raise AssertionError("FUSE IS UNAVAILABLE, the mount tests cannot run: " + "; ".join(problems))
+    if not os.path.exists(BINARY):
+        raise AssertionError(f"ckptfs binary not found at {BINARY} (build first)")
+
+
+def is_mounted(path):
+    path = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == path for line in f)
+
+
+def unmount(path, proc=None):
+    """Unmounts |path| and reaps |proc|; falls back to a lazy unmount and kill."""
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", path], capture_output=True, timeout=30)
+    if proc is not None:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, timeout=30)
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class Mount:
+    """Runs `ckptfs -f CHECKPOINT DIR` for the duration of a with-block."""
+
+    def __init__(self, checkpoint, *args):
+        self.checkpoint = checkpoint
+        self.args = list(args)
+        self.path = None
+        self.proc = None
+        self.stderr_text = ""
+
+    def __enter__(self):
+        require_fuse()
+        self.path = tempfile.mkdtemp(prefix="ckptfs-mnt-")
+        self.stderr_file = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([BINARY, "-f", *self.args, self.checkpoint, self.path],
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr_file)
+        deadline = time.monotonic() + MOUNT_TIMEOUT_S
+        while not is_mounted(self.path):
+            if self.proc.poll() is not None:
+                self.stderr_file.seek(0)
+                err = self.stderr_file.read()
+                os.rmdir(self.path)
+                raise AssertionError(f"ckptfs exited with {self.proc.returncode} before mounting: {err}")
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise AssertionError("ckptfs did not mount within 30 s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        unmount(self.path, self.proc)
+        self.stderr_file.seek(0)
+        self.stderr_text = self.stderr_file.read()
+        self.stderr_file.close()
+        if not is_mounted(self.path):
+            os.rmdir(self.path)
+        return False
+
+    def file(self, rel):
+        return os.path.join(self.path, rel)
+
+    def index(self):
+        with open(self.file(".ckptfs/index.json")) as f:
+            return json.load(f)
+
+
+def run_ckptfs(*args, timeout=60):
+    return subprocess.run([BINARY, *args], capture_output=True, text=True, timeout=timeout)
+
+
+# ---- torch ground truth -------------------------------------------------------------------
+
+def torch_tensors(obj):
+    """Walks what torch.load returned the way ckptfs lays it out: dict keys, list/tuple
+    indices, object attributes. Returns {key path tuple: tensor}."""
+    import torch
+
+    found = {}
+    on_path = set()  # only cycles stop the walk: ckptfs expands shared containers everywhere
+
+    def walk(o, path):
+        if isinstance(o, torch.Tensor):
+            found[path] = o
+            return
+        if id(o) in on_path:
+            return
+        if isinstance(o, dict):
+            items = list(o.items())
+        elif isinstance(o, (list, tuple)):
+            items = list(enumerate(o))
+        elif hasattr(o, "__dict__") and not isinstance(o, type):
+            items = list(vars(o).items())
+        else:
+            return
+        on_path.add(id(o))
+        for k, v in items:
+            walk(v, path + (k,))
+        on_path.discard(id(o))
+
+    walk(obj, ())
+    return found
+
+
+def torch_bytes(t):
+    """The C-contiguous little-endian bytes torch holds for |t|."""
+    import torch
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def dtype_name(t):
+    return str(t.dtype).replace("torch.", "")

@@ -1,0 +1,191 @@
+"""Mounts checkpoints written by the real torch.save and compares every tensor file
+byte-for-byte with what torch.load gives (issue #2)."""
+import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gen_checkpoints  # noqa: E402
+from ckptfs_testlib import Mount, dtype_name, require_fuse, torch_bytes, torch_tensors  # noqa: E402
+
+NUMPY_OF = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<u2", "int8": "|i1",
+            "int16": "<i2", "int32": "<i4", "int64": "<i8", "uint8": "|u1", "bool": "|b1",
+            "complex64": "<c8", "complex128": "<c16"}
+
+
+class MountedCheckpointTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        require_fuse()
+        cls.tmp = tempfile.TemporaryDirectory(prefix="ckptfs-gen-")
+        cls.paths = {name: gen_checkpoints.write(cls.tmp.name, name) for name in gen_checkpoints.CASES}
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def check_byte_exact(self, name):
+        """Every tensor torch.load finds is a file with exactly its bytes, and nothing more."""
+        path = self.paths[name]
+        expected = torch_tensors(torch.load(path, weights_only=False))
+        with Mount(path) as m:
+            index = m.index()
+            entries = {tuple(e["key"]): e for e in index["tensors"]}
+            self.assertEqual(set(entries), set(expected), f"{name}: tensor key paths differ from torch.load")
+            for key, t in expected.items():
+                e = entries[key]
+                want = torch_bytes(t)
+                with open(m.file(e["path"]), "rb") as f:
+                    got = f.read()
+                self.assertEqual(len(got), len(want), f"{name}:{key} size")
+                self.assertTrue(got == want, f"{name}:{key}: bytes differ from torch.load")
+                self.assertEqual(os.stat(m.file(e["path"])).st_size, len(want))
+                self.assertEqual(e["dtype"], dtype_name(t))
+                self.assertEqual(e["shape"], list(t.shape))
+                self.assertEqual(e["nbytes"], len(want))
+                with open(m.file(e["sidecar"])) as f:
+                    side = json.load(f)
+                self.assertEqual(side["dtype"], dtype_name(t))
+                self.assertEqual(side["numpy_dtype"], NUMPY_OF[dtype_name(t)])
+                self.assertEqual(side["shape"], list(t.shape))
+                self.assertEqual(side["nbytes"], len(want))
+                self.assertEqual([k for k in side["key"]], list(key))
+        self.assertNotIn("error", m.stderr_text.lower(), m.stderr_text)
+        return expected
+
+    def test_every_dtype(self):
+        found = self.check_byte_exact("dtypes")
+        self.assertEqual({dtype_name(t) for t in found.values()}, set(NUMPY_OF))
+
+    def test_views_strides_offsets_sharing(self):
+        self.check_byte_exact("views")
+
+    def test_lightning_style_nested(self):
+        self.check_byte_exact("lightning")
+
+    def test_pickled_module(self):
+        found = self.check_byte_exact("module")
+        self.assertIn(("_modules", "conv", "_parameters", "weight"), found)
+
+    def test_many_small_tensors(self):
+        found = self.check_byte_exact("many")
+        self.assertEqual(len(found), 5000)
+
+    def test_awkward_names(self):
+        self.check_byte_exact("names")
+
+    def test_protocol4_and_parameters(self):
+        self.check_byte_exact("protocol4")
+        self.check_byte_exact("parameters")
+
+    def test_root_tensor(self):
+        path = self.paths["root_tensor"]
+        t = torch.load(path)
+        with Mount(path) as m:
+            with open(m.file("tensor"), "rb") as f:
+                self.assertEqual(f.read(), torch_bytes(t))
+            self.assertEqual(m.index()["tensors"][0]["key"], [])
+
+    def test_numpy_memmap_and_partial_reads(self):
+        path = self.paths["views"]
+        expected = torch_tensors(torch.load(path))
+        with Mount(path) as m:
+            for e in m.index()["tensors"]:
+                t = expected[tuple(e["key"])]
+                if t.numel() == 0 or t.dtype == torch.bfloat16:
+                    continue
+                mm = np.memmap(m.file(e["path"]), dtype=NUMPY_OF[e["dtype"]], mode="r", shape=tuple(e["shape"]))
+                np.testing.assert_array_equal(np.asarray(mm), t.contiguous().numpy())
+                del mm
+            # Odd offsets and lengths inside a strided view gather the right bytes.
+            t = expected[("permuted",)]
+            want = torch_bytes(t)
+            with open(m.file("permuted"), "rb") as f:
+                for off, n in [(1, 3), (5, 17), (99, 200), (len(want) - 7, 50), (len(want), 10)]:
+                    f.seek(off)
+                    self.assertEqual(f.read(n), want[off:off + n], (off, n))
+
+    def test_tree_stat_du_and_values(self):
+        path = self.paths["lightning"]
+        with Mount(path) as m:
+            st = os.stat(m.path)
+            self.assertTrue(stat.S_ISDIR(st.st_mode))
+            self.assertEqual(stat.S_IMODE(st.st_mode), 0o555)
+            w = os.stat(m.file("state_dict/0.weight"))
+            self.assertEqual(stat.S_IMODE(w.st_mode), 0o444)
+            self.assertEqual(w.st_size, 16 * 8 * 4)
+            self.assertEqual(int(w.st_mtime), int(os.stat(path).st_mtime))
+            side = os.stat(m.file("state_dict/0.weight.json"))
+            self.assertEqual(side.st_blocks, 0)
+            # du counts the tensor bytes and (almost) nothing else.
+            total = sum(e["nbytes"] for e in m.index()["tensors"])
+            du = int(subprocess.run(["du", "-s", "-B1", m.path], capture_output=True, text=True, check=True).stdout.split()[0])
+            self.assertGreaterEqual(du, total)
+            self.assertLess(du, total + 512 * (len(m.index()["tensors"]) + 1))
+            ls = subprocess.run(["ls", "-l", m.file("state_dict")], capture_output=True, text=True, check=True).stdout
+            self.assertIn("0.weight.json", ls)
+            # Non-tensor values are JSON files holding the value.
+            for rel, want in [("epoch.json", 3), ("global_step.json", 1234), ("pytorch-lightning_version.json", "1.9.0"),
+                              ("hyper_parameters/lr.json", 1e-3), ("hyper_parameters/big.json", 2**70),
+                              ("hyper_parameters/unicode.json", "gr\u00fc\u00dfe \u2603"),
+                              ("optimizer_states/0/param_groups/0/lr.json", 1e-3),
+                              ("optimizer_states/0/param_groups/0/betas/1.json", 0.999)]:
+                with open(m.file(rel)) as f:
+                    self.assertEqual(json.load(f), want, rel)
+            with open(m.file("hyper_parameters/args.json")) as f:
+                ns = json.load(f)
+            self.assertEqual(ns["__class__"], "argparse.Namespace")
+            self.assertEqual(ns["state"]["layers"], [8, 16, 4])
+            # Int keys of optimizer state are directories named by the number, key path keeps ints.
+            keys = [e["key"] for e in m.index()["tensors"]]
+            self.assertIn(["optimizer_states", 0, "state", 0, "exp_avg"], keys)
+            # A '/' inside a key is escaped, never a directory level.
+            cb = os.listdir(m.file("callbacks"))
+            self.assertEqual(cb, ["ModelCheckpoint{'monitor': 'val%2Floss', 'mode': 'min'}"])
+
+    def test_name_rules(self):
+        with Mount(self.paths["names"]) as m:
+            names = set(os.listdir(m.path))
+            for n in ["a%2Fb", "100%25", "%empty", "%2E", "%2E%2E", "w", "w.json", "3", "3~1", ".ckptfs", ".ckptfs~1"]:
+                self.assertIn(n, names)
+            # The tensor keyed "w.json" keeps its name; w's sidecar steps aside.
+            by_key = {tuple(e["key"]): e for e in m.index()["tensors"]}
+            self.assertEqual(by_key[("w.json",)]["path"], "w.json")
+            self.assertEqual(by_key[("w",)]["sidecar"], "w~1.json")
+            self.assertEqual(by_key[(3,)]["path"], "3")
+            self.assertEqual(by_key[("3",)]["path"], "3~1")
+            self.assertTrue(all(len(n.encode()) <= 255 for n in names))
+            with open(m.file("dir/w.json.json")) as f:
+                self.assertEqual(json.load(f), "a string, not the sidecar")
+
+    def test_read_only(self):
+        with Mount(self.paths["dtypes"]) as m:
+            for mode in ("r+b", "wb", "ab"):
+                with self.assertRaises(OSError) as cm:
+                    open(m.file("float32"), mode)
+                self.assertIn(cm.exception.errno, (30, 13))  # EROFS or EACCES
+            with self.assertRaises(OSError):
+                os.mkdir(m.file("newdir"))
+
+    def test_stats_file(self):
+        with Mount(self.paths["many"], "--limit-mb", "8") as m:
+            for e in m.index()["tensors"][:200]:
+                with open(m.file(e["path"]), "rb") as f:
+                    f.read()
+            with open(m.file(".ckptfs/stats")) as f:
+                s = json.load(f)
+            self.assertEqual(s["limit_bytes"], 8 << 20)
+            self.assertEqual(s["hits"] + s["misses"], s["lookups"])
+            self.assertGreater(s["bytes_read_from_checkpoint"], 0)
+            self.assertLessEqual(s["daemon_resident_bytes"], 8 << 20)
+
+
+if __name__ == "__main__":
+    unittest.main()
