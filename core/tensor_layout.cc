@@ -34,7 +34,8 @@ std::optional<std::string> TensorLayout::validate(const std::vector<std::int64_t
       return "strides reach too far (offset overflows)";
     }
   }
-  std::uint64_t end_byte = (last + 1) * itemsize;  // last <= 2^62 and itemsize <= 16: no overflow
+  std::uint64_t end_byte = 0;
+  if (__builtin_mul_overflow(last + 1, std::uint64_t{itemsize}, &end_byte)) return "strides reach too far (offset overflows)";
   if (end_byte > storage_nbytes) {
     return fmt::format("view needs {} bytes of its storage, which holds only {}", end_byte, storage_nbytes);
   }

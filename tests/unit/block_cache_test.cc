@@ -1,0 +1,146 @@
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "block_cache.h"
+#include "errors.h"
+
+using namespace ckptfs;
+
+namespace {
+
+// An in-memory ByteSource that counts reads and can fail or slow down on demand.
+class MemorySource final : public ByteSource {
+ public:
+  explicit MemorySource(std::size_t n) : data_(n) {
+    std::mt19937 rng(1);
+    for (auto& b : data_) b = static_cast<std::byte>(rng());
+  }
+  std::uint64_t size() const override { return data_.size(); }
+  void read_at(std::uint64_t offset, std::span<std::byte> dst) const override {
+    ++reads;
+    if (delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+    if (fail) throw IoError("injected failure", 5);
+    std::memcpy(dst.data(), data_.data() + offset, dst.size());
+  }
+  std::timespec mtime() const override { return {}; }
+  std::string describe() const override { return "memory"; }
+  const std::byte* bytes() const { return data_.data(); }
+
+  mutable std::atomic<int> reads{0};
+  std::atomic<bool> fail{false};
+  int delay_ms = 0;
+
+ private:
+  std::vector<std::byte> data_;
+};
+
+bool same(const MemorySource& src, std::uint64_t off, const std::vector<std::byte>& got) {
+  return std::memcmp(src.bytes() + off, got.data(), got.size()) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("reads across block boundaries return the source bytes") {
+  MemorySource src(1'000'003);  // not a multiple of the block size: a short last block
+  BlockCache cache(src, 64u << 10 << 5, 64u << 10);
+  std::mt19937 rng(3);
+  for (int i = 0; i < 500; ++i) {
+    std::uint64_t off = rng() % src.size();
+    std::vector<std::byte> buf(std::min<std::uint64_t>(rng() % 300000, src.size() - off));
+    cache.read(off, buf);
+    REQUIRE(same(src, off, buf));
+  }
+  std::vector<std::byte> tail(3);
+  cache.read(src.size() - 3, tail);
+  CHECK(same(src, src.size() - 3, tail));
+  std::vector<std::byte> past(4);
+  CHECK_THROWS_AS(cache.read(src.size() - 3, past), IoError);
+}
+
+TEST_CASE("the budget holds: eviction keeps resident bytes within the limit") {
+  MemorySource src(8u << 20);
+  const std::uint64_t limit = 2u << 20;
+  BlockCache cache(src, limit, 64u << 10);
+  std::vector<std::byte> buf(100000);
+  for (std::uint64_t off = 0; off + buf.size() <= src.size(); off += buf.size()) {
+    cache.read(off, buf);
+    REQUIRE(same(src, off, buf));
+    REQUIRE(cache.stats().resident_bytes <= limit);
+  }
+  auto s = cache.stats();
+  CHECK(s.evictions > 0);
+  CHECK(s.bytes_read >= src.size() - buf.size());
+  CHECK(s.blocks == limit / (64u << 10));
+}
+
+TEST_CASE("hits: a second read of a cached range does not touch the source") {
+  MemorySource src(1u << 20);
+  BlockCache cache(src, 4u << 20, 64u << 10);
+  std::vector<std::byte> buf(200000);
+  cache.read(1000, buf);
+  int reads = src.reads;
+  cache.read(1000, buf);
+  CHECK(src.reads == reads);
+  auto s = cache.stats();
+  CHECK(s.hits >= 4);
+  CHECK(s.hits + s.misses >= 8);
+}
+
+TEST_CASE("single flight: concurrent readers of one block read the source once") {
+  MemorySource src(1u << 20);
+  src.delay_ms = 50;
+  BlockCache cache(src, 4u << 20, 64u << 10);
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&] {
+      std::vector<std::byte> buf(100);
+      cache.read(70000, buf);
+      if (same(src, 70000, buf)) ++ok;
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(ok == 8);
+  CHECK(src.reads == 1);
+}
+
+TEST_CASE("a failed load is reported and not cached; the next read retries") {
+  MemorySource src(1u << 20);
+  BlockCache cache(src, 4u << 20, 64u << 10);
+  std::vector<std::byte> buf(10);
+  src.fail = true;
+  CHECK_THROWS_AS(cache.read(0, buf), IoError);
+  CHECK(cache.stats().read_errors == 1);
+  src.fail = false;
+  cache.read(0, buf);
+  CHECK(same(src, 0, buf));
+}
+
+TEST_CASE("many threads, tiny cache: every byte right, no deadlock") {
+  MemorySource src(4u << 20);
+  BlockCache cache(src, 64u << 10 << 5, 64u << 10);  // 32 blocks of 64 KiB
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 12; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(static_cast<unsigned>(t));
+      std::vector<std::byte> buf;
+      for (int i = 0; i < 400; ++i) {
+        std::uint64_t off = rng() % src.size();
+        buf.resize(std::min<std::uint64_t>(rng() % 200000, src.size() - off));
+        cache.read(off, buf);
+        if (!same(src, off, buf)) ++bad;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(bad == 0);
+  auto s = cache.stats();
+  CHECK(s.resident_bytes <= 64u << 10 << 5);
+}

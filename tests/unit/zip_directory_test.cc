@@ -1,0 +1,90 @@
+// Zip archives are written here with libzip itself (an independent writer), then read back.
+#include <catch2/catch.hpp>
+#include <unistd.h>
+#include <zip.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "byte_source.h"
+#include "errors.h"
+#include "zip_directory.h"
+
+using namespace ckptfs;
+
+namespace {
+
+struct TempZip {
+  std::string path;
+  TempZip() {
+    char tmpl[] = "/tmp/ckptfs-zip-XXXXXX";
+    int fd = mkstemp(tmpl);
+    close(fd);
+    path = tmpl;
+    std::remove(path.c_str());
+  }
+  ~TempZip() { std::remove(path.c_str()); }
+  void add(zip_t* z, const std::string& name, const std::string& content, bool compress) {
+    // libzip copies the buffer only at zip_close; keep it alive until then.
+    kept.push_back(content);
+    zip_source_t* s = zip_source_buffer(z, kept.back().data(), kept.back().size(), 0);
+    zip_int64_t i = zip_file_add(z, name.c_str(), s, ZIP_FL_ENC_UTF_8);
+    REQUIRE(i >= 0);
+    zip_set_file_compression(z, static_cast<zip_uint64_t>(i), compress ? ZIP_CM_DEFLATE : ZIP_CM_STORE, 0);
+  }
+  std::vector<std::string> kept;
+};
+
+}  // namespace
+
+TEST_CASE("stored entries are found at their data offset; deflated ones are decompressed") {
+  TempZip tz;
+  tz.kept.reserve(8);
+  int err = 0;
+  zip_t* z = zip_open(tz.path.c_str(), ZIP_CREATE | ZIP_TRUNCATE, &err);
+  REQUIRE(z != nullptr);
+  std::string payload(100000, '\0');
+  for (std::size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>(i * 7);
+  tz.add(z, "archive/data.pkl", "pickle bytes", false);
+  tz.add(z, "archive/data/0", payload, false);
+  tz.add(z, "archive/packed", std::string(5000, 'z'), true);
+  REQUIRE(zip_close(z) == 0);
+
+  LocalFileSource src(tz.path);
+  ZipDirectory dir(src);
+  REQUIRE(dir.entries().size() == 3);
+  const ZipEntry* e = dir.find("archive/data/0");
+  REQUIRE(e != nullptr);
+  CHECK(e->method == 0);
+  CHECK(e->size == payload.size());
+  std::string got(payload.size(), '\0');
+  src.read_at(dir.data_offset(*e), std::as_writable_bytes(std::span(got)));
+  CHECK(got == payload);
+  CHECK(dir.read_entry(*dir.find("archive/data.pkl"), 1000) == "pickle bytes");
+  const ZipEntry* packed = dir.find("archive/packed");
+  REQUIRE(packed != nullptr);
+  CHECK(packed->method == ZIP_CM_DEFLATE);
+  CHECK(dir.read_entry(*packed, 10000) == std::string(5000, 'z'));
+  CHECK_THROWS_AS(dir.read_entry(*packed, 100), FormatError);
+  CHECK(dir.find("archive/nope") == nullptr);
+}
+
+TEST_CASE("truncated and non-zip files are FormatErrors") {
+  TempZip tz;
+  int err = 0;
+  zip_t* z = zip_open(tz.path.c_str(), ZIP_CREATE | ZIP_TRUNCATE, &err);
+  tz.add(z, "a/data.pkl", std::string(3000, 'p'), false);
+  REQUIRE(zip_close(z) == 0);
+  std::string whole;
+  {
+    std::ifstream in(tz.path, std::ios::binary);
+    whole.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  for (std::size_t cut : {std::size_t{0}, std::size_t{10}, whole.size() / 2, whole.size() - 1}) {
+    TempZip part;
+    std::ofstream(part.path, std::ios::binary) << whole.substr(0, cut);
+    LocalFileSource src(part.path);
+    CHECK_THROWS_AS(ZipDirectory(src), FormatError);
+  }
+}
