@@ -94,7 +94,9 @@ std::uint32_t BlockCache::acquire(std::uint64_t block) {
     s.block = block;
     s.state = SlotState::Loading;
     s.pins = 1;
-    s.referenced = true;
+    // A block earns its second chance only when read again: one big sequential scan then
+    // recycles its own blocks first instead of flushing everything else.
+    s.referenced = false;
     index_[block] = victim;
     ++stats_.misses;
     lock.unlock();
@@ -103,7 +105,7 @@ std::uint32_t BlockCache::acquire(std::uint64_t block) {
     const auto length = static_cast<std::uint32_t>(std::min<std::uint64_t>(block_size_, source_.size() - offset));
     std::byte* dst = arena_.data() + static_cast<std::size_t>(victim) * block_size_;
     try {
-      source_.read_at(offset, std::span(dst, length));
+      source_.read_block(offset, std::span(dst, block_size_), length);
     } catch (...) {
       lock.lock();
       index_.erase(block);
@@ -128,19 +130,44 @@ void BlockCache::release(std::uint32_t slot) {
   if (--slots_[slot].pins == 0) changed_.notify_all();
 }
 
+BlockCache::Pin& BlockCache::Pin::operator=(Pin&& other) noexcept {
+  if (this != &other) {
+    reset();
+    cache_ = std::exchange(other.cache_, nullptr);
+    slot_ = other.slot_;
+    begin_ = other.begin_;
+    bytes_ = other.bytes_;
+  }
+  return *this;
+}
+
+void BlockCache::Pin::reset() {
+  if (cache_ != nullptr) std::exchange(cache_, nullptr)->release(slot_);
+}
+
+BlockCache::Pin BlockCache::pin(std::uint64_t offset) {
+  if (offset >= source_.size()) {
+    throw IoError(fmt::format("offset {} is outside {}", offset, source_.describe()), EIO);
+  }
+  const std::uint64_t block = offset / block_size_;
+  const std::uint32_t slot = acquire(block);
+  std::uint32_t length;
+  {
+    std::lock_guard lock(mu_);
+    length = slots_[slot].length;
+  }
+  return Pin(this, slot, block * block_size_, std::span<const std::byte>(arena_.data() + static_cast<std::size_t>(slot) * block_size_, length));
+}
+
 void BlockCache::read(std::uint64_t offset, std::span<std::byte> dst) {
   if (offset > source_.size() || dst.size() > source_.size() - offset) {
     throw IoError(fmt::format("read of {} bytes at {} is outside {}", dst.size(), offset, source_.describe()), EIO);
   }
   std::size_t done = 0;
   while (done < dst.size()) {
-    std::uint64_t pos = offset + done;
-    std::uint64_t block = pos / block_size_;
-    std::uint64_t in_block = pos % block_size_;
-    std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(block_size_ - in_block, dst.size() - done));
-    std::uint32_t slot = acquire(block);
-    std::memcpy(dst.data() + done, arena_.data() + static_cast<std::size_t>(slot) * block_size_ + in_block, n);
-    release(slot);
+    Pin p = pin(offset + done);
+    std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(p.end() - (offset + done), dst.size() - done));
+    std::memcpy(dst.data() + done, p.at(offset + done), n);
     done += n;
   }
 }

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <span>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "byte_source.h"
@@ -54,8 +55,38 @@ class BlockCache {
   BlockCache(const BlockCache&) = delete;
   BlockCache& operator=(const BlockCache&) = delete;
 
+  // A block held in the cache while its owner copies from it (RAII: unpinned on destruction).
+  class Pin {
+   public:
+    Pin(Pin&& other) noexcept : cache_(std::exchange(other.cache_, nullptr)), slot_(other.slot_), begin_(other.begin_), bytes_(other.bytes_) {}
+    Pin& operator=(Pin&& other) noexcept;
+    Pin(const Pin&) = delete;
+    Pin& operator=(const Pin&) = delete;
+    ~Pin() { reset(); }
+
+    std::uint64_t begin() const { return begin_; }                  // source offset of byte 0
+    std::uint64_t end() const { return begin_ + bytes_.size(); }
+    bool contains(std::uint64_t offset, std::uint64_t length) const {
+      return offset >= begin_ && offset + length <= end();
+    }
+    const std::byte* at(std::uint64_t offset) const { return bytes_.data() + (offset - begin_); }
+
+   private:
+    friend class BlockCache;
+    Pin(BlockCache* cache, std::uint32_t slot, std::uint64_t begin, std::span<const std::byte> bytes)
+        : cache_(cache), slot_(slot), begin_(begin), bytes_(bytes) {}
+    void reset();
+    BlockCache* cache_;
+    std::uint32_t slot_;
+    std::uint64_t begin_;
+    std::span<const std::byte> bytes_;
+  };
+
+  // Pins the block holding source byte |offset| (loading it if needed). Thread-safe. Throws
+  // IoError if the source fails (nothing is cached for that block).
+  Pin pin(std::uint64_t offset);
+
   // Copies source bytes [offset, offset + dst.size()) into |dst| through the cache.
-  // Thread-safe. Throws IoError if the source fails (nothing is cached for that block).
   void read(std::uint64_t offset, std::span<std::byte> dst);
 
   Stats stats() const;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "errors.h"
@@ -13,9 +14,22 @@ namespace ckptfs {
 void TensorReader::gather(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const {
   const std::uint64_t base = catalog_.storages()[t.storage].offset;
   std::size_t done = 0;
+  // Strided views are many short runs, mostly inside one block: keep that block pinned and
+  // copy from it directly instead of taking the cache lock per run.
+  std::optional<BlockCache::Pin> held;
   t.layout->for_each_run(offset, dst.size(), [&](std::uint64_t storage_byte, std::uint64_t length) {
-    cache_.read(base + storage_byte, dst.subspan(done, static_cast<std::size_t>(length)));
-    done += static_cast<std::size_t>(length);
+    std::uint64_t pos = base + storage_byte;
+    while (length > 0) {
+      if (!held || !held->contains(pos, 1)) {
+        held.reset();
+        held.emplace(cache_.pin(pos));
+      }
+      std::uint64_t n = std::min(length, held->end() - pos);
+      std::memcpy(dst.data() + done, held->at(pos), static_cast<std::size_t>(n));
+      done += static_cast<std::size_t>(n);
+      pos += n;
+      length -= n;
+    }
   });
 }
 
