@@ -18,7 +18,8 @@ becomes a raw file (C order, little-endian, its own dtype) with a NAME.json side
 other value a .json file. /.ckptfs/index.json lists all tensors; /.ckptfs/stats shows the cache.
 
 options:
-  --limit-mb N      memory budget of the block cache in MiB (default 1024)
+  --limit-mb N      memory budget in MiB (default 1024, at least 8): the daemon's cache plus
+                    the kernel's cached pages of the mounted files (see docs/memory.md)
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)
   -d, --debug       log every FUSE request to stderr (implies -f)
   -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other)
@@ -46,8 +47,8 @@ CliParse parse_cli(int argc, char** argv) {
         std::string_view v = optarg;
         std::uint64_t n = 0;
         auto r = std::from_chars(v.data(), v.data() + v.size(), n);
-        if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n == 0 || n > (1u << 24)) {
-          std::fprintf(stderr, "ckptfs: --limit-mb needs a whole number of MiB from 1 to 16777216, not '%s'\n", optarg);
+        if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n < 8 || n > (1u << 24)) {
+          std::fprintf(stderr, "ckptfs: --limit-mb needs a whole number of MiB from 8 to 16777216, not '%s'\n", optarg);
           return {std::nullopt, 2};
         }
         opts.limit_mb = n;

@@ -204,13 +204,22 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   fuse_reply_open(req, fi);
 }
 
-void reply_slice(fuse_req_t req, std::string_view content, size_t size, off_t off) {
+// Every byte a reply hands the kernel may stay in its page cache: account it against the
+// budget after the reply (the kernel has copied the data into its pages by then, so an
+// invalidation racing with this cannot leave an unaccounted page behind).
+void account_reply(MountState& s, fuse_ino_t ino, std::uint64_t offset, std::size_t length) {
+  if (s.ledger.record(ino, offset, length) && s.invalidator != nullptr) s.invalidator->wake();
+}
+
+void reply_slice(MountState& s, fuse_req_t req, fuse_ino_t ino, std::string_view content, size_t size, off_t off,
+                 bool cached = true) {
   auto start = static_cast<std::size_t>(off);
   if (start >= content.size()) {
     fuse_reply_buf(req, nullptr, 0);
     return;
   }
-  fuse_reply_buf(req, content.data() + start, std::min(size, content.size() - start));
+  std::size_t len = std::min(size, content.size() - start);
+  if (fuse_reply_buf(req, content.data() + start, len) == 0 && cached) account_reply(s, ino, start, len);
 }
 
 void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
@@ -240,20 +249,20 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
         thread_local std::vector<std::byte> buffer;
         if (buffer.size() < len) buffer.resize(len);
         s.reader.read(t, start, std::span(buffer.data(), len));
-        fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len);
+        if (fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len) == 0) account_reply(s, ino, start, len);
         return;
       }
       case NodeKind::TensorSidecar:
-        reply_slice(req, s.catalog.sidecar_json(s.catalog.tensors()[n.tensor]), size, off);
+        reply_slice(s, req, ino, s.catalog.sidecar_json(s.catalog.tensors()[n.tensor]), size, off);
         return;
       case NodeKind::JsonValue:
-        reply_slice(req, n.text, size, off);
+        reply_slice(s, req, ino, n.text, size, off);
         return;
       case NodeKind::IndexFile:
-        reply_slice(req, s.catalog.index_json(), size, off);
+        reply_slice(s, req, ino, s.catalog.index_json(), size, off);
         return;
       case NodeKind::StatsFile:
-        reply_slice(req, render_stats(s), size, off);
+        reply_slice(s, req, ino, render_stats(s), size, off, /*cached=*/false);  // direct_io
         return;
       case NodeKind::Directory:
         fuse_reply_err(req, EISDIR);
@@ -305,14 +314,22 @@ const fuse_lowlevel_ops& fuse_operations() {
 
 std::string render_stats(const MountState& state) {
   BlockCache::Stats c = state.cache.stats();
+  const std::uint64_t kernel = state.ledger.served_bytes();
+  const std::uint64_t invalidations = state.invalidator ? state.invalidator->invalidations() : 0;
+  const std::uint64_t invalidated = state.invalidator ? state.invalidator->invalidated_bytes() : 0;
   return fmt::format(
-      "{{\n  \"limit_bytes\": {},\n  \"block_size\": {},\n  \"blocks\": {},\n  \"daemon_resident_bytes\": {},\n"
+      "{{\n  \"limit_bytes\": {},\n  \"daemon_budget_bytes\": {},\n  \"kernel_budget_bytes\": {},\n"
+      "  \"daemon_resident_bytes\": {},\n  \"kernel_served_bytes\": {},\n  \"total_bytes\": {},\n"
+      "  \"block_size\": {},\n  \"blocks\": {},\n"
       "  \"lookups\": {},\n  \"hits\": {},\n  \"misses\": {},\n  \"evictions\": {},\n"
-      "  \"bytes_read_from_checkpoint\": {},\n  \"checkpoint_read_errors\": {},\n  \"read_errors\": {},\n"
+      "  \"invalidations\": {},\n  \"invalidated_bytes\": {},\n"
+      "  \"bytes_read_from_checkpoint\": {},\n  \"checkpoint_cache_mode\": \"{}\",\n"
+      "  \"checkpoint_read_errors\": {},\n  \"read_errors\": {},\n"
       "  \"tensors\": {},\n  \"storages\": {}\n}}\n",
-      c.limit_bytes, c.block_size, c.blocks, c.resident_bytes, c.hits + c.misses, c.hits, c.misses, c.evictions,
-      c.bytes_read, c.read_errors, state.read_errors.load(), state.catalog.tensors().size(),
-      state.catalog.storages().size());
+      state.limit_bytes, c.limit_bytes, state.ledger.budget(), c.resident_bytes, kernel, c.resident_bytes + kernel,
+      c.block_size, c.blocks, c.hits + c.misses, c.hits, c.misses, c.evictions, invalidations, invalidated,
+      c.bytes_read, state.source.cache_mode(), c.read_errors, state.read_errors.load(),
+      state.catalog.tensors().size(), state.catalog.storages().size());
 }
 
 }  // namespace ckptfs

@@ -9,14 +9,21 @@
 #include <ctime>
 
 #include "block_cache.h"
+#include "byte_source.h"
 #include "catalog.h"
+#include "kernel_invalidator.h"
+#include "kernel_page_ledger.h"
 #include "tensor_reader.h"
 
 namespace ckptfs {
 
 struct MountState {
   const TensorCatalog& catalog;
+  const ByteSource& source;
   BlockCache& cache;
+  KernelPageLedger& ledger;
+  KernelInvalidator* invalidator = nullptr;  // set once the session exists
+  std::uint64_t limit_bytes = 0;
   TensorReader reader;
   std::timespec mtime{};
   uid_t uid = 0;
@@ -24,7 +31,8 @@ struct MountState {
   std::atomic<std::uint64_t> read_errors{0};
   std::atomic<std::uint64_t> logged_errors{0};
 
-  MountState(const TensorCatalog& c, BlockCache& b) : catalog(c), cache(b), reader(c, b) {}
+  MountState(const TensorCatalog& c, const ByteSource& src, BlockCache& b, KernelPageLedger& l)
+      : catalog(c), source(src), cache(b), ledger(l), reader(c, b) {}
 };
 
 // The operation table; the session's userdata must be a MountState*.

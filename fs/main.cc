@@ -18,6 +18,8 @@
 #include "cli_options.h"
 #include "errors.h"
 #include "fuse_server.h"
+#include "kernel_invalidator.h"
+#include "memory_budget.h"
 
 namespace ckptfs {
 namespace {
@@ -46,9 +48,12 @@ using SessionPtr = std::unique_ptr<fuse_session, SessionDeleter>;
 class MountGuard {
  public:
   explicit MountGuard(fuse_session* se) : se_(se) {}
-  ~MountGuard() {
+  ~MountGuard() { unmount(); }
+  void unmount() {
+    if (se_ == nullptr) return;
     fuse_session_unmount(se_);
     fuse_remove_signal_handlers(se_);
+    se_ = nullptr;
   }
   MountGuard(const MountGuard&) = delete;
   MountGuard& operator=(const MountGuard&) = delete;
@@ -97,15 +102,22 @@ int run(const CliOptions& opts) {
     return 1;
   }
 
+  // Reading data.pkl and the zip directory left checkpoint pages in the page cache; from
+  // now on block reads bypass it (O_DIRECT) or drop what they read.
+  source->drop_cache();
+
   // The cache memory is reserved (not touched) before forking: no threads exist yet.
+  const MemoryBudget budget = split_memory_budget(opts.limit_mb << 20);
   std::unique_ptr<BlockCache> cache;
   try {
-    cache = std::make_unique<BlockCache>(*source, opts.limit_mb << 20);
+    cache = std::make_unique<BlockCache>(*source, budget.cache_bytes);
   } catch (const CkptError& e) {
     std::fprintf(stderr, "ckptfs: %s\n", e.what());
     return 1;
   }
-  MountState state(catalog, *cache);
+  KernelPageLedger ledger(budget.kernel_bytes);
+  MountState state(catalog, *source, *cache, ledger);
+  state.limit_bytes = opts.limit_mb << 20;
   state.mtime = source->mtime();
   state.uid = ::getuid();
   state.gid = ::getgid();
@@ -127,6 +139,10 @@ int run(const CliOptions& opts) {
     std::fprintf(stderr, "ckptfs: could not install signal handlers\n");
     return 1;
   }
+  // Declared before the guard: on every exit path the mount goes first, then the thread, so a
+  // notification in progress is released by the unmount instead of waiting forever.
+  KernelInvalidator invalidator(se.get(), ledger);
+  state.invalidator = &invalidator;
   if (fuse_session_mount(se.get(), opts.mountpoint.c_str()) != 0) {
     fuse_remove_signal_handlers(se.get());
     std::fprintf(stderr, "ckptfs: could not mount on '%s' (is /dev/fuse available and fusermount3 installed?)\n",
@@ -139,11 +155,15 @@ int run(const CliOptions& opts) {
     return 1;
   }
 
+  invalidator.start();  // after fuse_daemonize: threads do not survive its fork
+
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(cfg, 0);
   fuse_loop_cfg_set_max_threads(cfg, 16);
   int rc = fuse_session_loop_mt(se.get(), cfg);
   fuse_loop_cfg_destroy(cfg);
+  guard.unmount();
+  invalidator.stop();
   // libfuse reports an exit by SIGINT/SIGTERM/SIGHUP as the (positive) signal number: that is
   // a requested, clean shutdown. Negative values are errors.
   return rc < 0 ? 1 : 0;
