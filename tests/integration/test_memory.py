@@ -1,0 +1,124 @@
+"""The memory contract (issue #3): with --limit-mb N, checkpoint data held in memory on
+account of the mount -- the daemon's cache plus the kernel's pages of the mounted files (a
+memmap reader's RssFile) plus the checkpoint file's own page cache -- stays within N MiB plus a
+small fixed slack, while readers keep every memmap open over a checkpoint 8x larger; and every
+byte read is right."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ckptfs_testlib import Mount, require_fuse  # noqa: E402
+from memory_probe import MIB, Sampler, proc_status, pss_file, system_cached  # noqa: E402
+
+CHECKPOINT_MIB = 512
+LIMIT_MIB = 64
+# docs/memory.md: in-flight replies and reply buffers (16 workers x up to 1 MiB), the batch
+# below budget the invalidator aims for, and sampling lag.
+SLACK_MIB = 24
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reader_worker.py")
+
+
+def drop_file_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class ReaderProcess:
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(["/usr/bin/python3", WORKER, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.pid = self.proc.pid
+
+    def go(self):
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout=600):
+        out, _ = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, f"reader failed with {self.proc.returncode}"
+        return json.loads(out.strip().splitlines()[-1])
+
+
+class MemoryContractTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        require_fuse()
+        cls.tmp = tempfile.TemporaryDirectory(prefix="ckptfs-mem-")
+        cls.path = os.path.join(cls.tmp.name, "big.pt")
+        g = torch.Generator().manual_seed(11)
+        n = CHECKPOINT_MIB // 4
+        tensors = {f"layer.{i}.weight": torch.randn(1 << 20, generator=g) for i in range(n)}
+        torch.save(tensors, cls.path)
+        cls.expected = {k: hashlib.sha256(t.numpy().tobytes()).hexdigest() for k, t in tensors.items()}
+        del tensors
+        drop_file_cache(cls.path)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def run_readers(self, modes):
+        drop_file_cache(self.path)
+        with Mount(self.path, "--limit-mb", str(LIMIT_MIB)) as m:
+            readers = [ReaderProcess(mode, m.path) for mode in modes]
+            time.sleep(0.2)
+            # One reader: its RssFile. Several: the sum of their Pss_File, since readers mapping
+            # the same file share its pages and RssFile would count each page once per reader.
+            several = len(readers) > 1
+            base_file = {r.pid: pss_file(r.pid) if several else proc_status(r.pid)["RssFile"] for r in readers}
+            base_daemon = proc_status(m.proc.pid)["VmRSS"]
+            base_cached = system_cached()
+            sampler = Sampler(m.proc.pid)
+            for r in readers:
+                sampler.add_reader(r.pid)
+            sampler.start()
+            for r in readers:
+                r.go()
+            results = [r.result() for r in readers]
+            sampler.stop()
+            with open(m.file(".ckptfs/stats")) as f:
+                stats = json.load(f)
+        base_file_sum = sum(base_file.values())
+        reader_growth = max(s[5] if several else s[2] for s in sampler.samples) - base_file_sum
+        daemon_growth = max(s[3] for s in sampler.samples) - base_daemon
+        cached_growth = max(s[4] for s in sampler.samples) - base_cached
+        metric = "Pss_File" if several else "RssFile"
+        report = (f"{'+'.join(modes)}: reader {metric} growth {reader_growth / MIB:.1f} MiB, daemon RSS growth "
+                  f"{daemon_growth / MIB:.1f} MiB, Cached growth {cached_growth / MIB:.1f} MiB "
+                  f"(limit {LIMIT_MIB}, slack {SLACK_MIB}); {len(sampler.samples)} samples; "
+                  f"invalidated {stats['invalidated_bytes'] / MIB:.0f} MiB; mode {stats['checkpoint_cache_mode']}")
+        print("\n" + report, file=sys.stderr)
+        for res in results:
+            for key, digest in self.expected.items():
+                self.assertEqual(res[key], digest, f"{key}: wrong bytes after eviction")
+        self.assertGreater(len(sampler.samples), 10)
+        self.assertLessEqual((reader_growth + daemon_growth) / MIB, LIMIT_MIB + SLACK_MIB, report)
+        self.assertLessEqual(cached_growth / MIB, LIMIT_MIB + SLACK_MIB, report)
+        self.assertGreater(stats["invalidations"], 0)
+        self.assertEqual(stats["hits"] + stats["misses"], stats["lookups"])
+        self.assertEqual(stats["read_errors"], 0)
+        return results
+
+    def test_memmap_reader_keeping_every_map_open(self):
+        res = self.run_readers(["memmap"])
+        self.assertEqual(res[0]["_maps_open"], len(self.expected))
+
+    def test_concurrent_memmap_and_read_readers(self):
+        self.run_readers(["memmap", "read", "memmap"])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,92 @@
+"""Stress (issue #3): several processes, each with several threads, read random ranges of
+random tensors (contiguous and strided views) through read() and mmap under a tiny
+--limit-mb, for a bounded time. Every byte must be right, nothing may hang (the invalidator
+runs all along), the daemon must survive, and its counters must add up."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ckptfs_testlib import Mount, is_mounted, require_fuse, torch_bytes, torch_tensors  # noqa: E402
+from memory_probe import MIB  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reader_worker.py")
+SECONDS = float(os.environ.get("CKPTFS_STRESS_SECONDS", "8"))
+PROCESSES = 3
+THREADS = 3
+LIMIT_MIB = 8
+
+
+class StressTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        require_fuse()
+        cls.tmp = tempfile.TemporaryDirectory(prefix="ckptfs-stress-")
+        cls.path = os.path.join(cls.tmp.name, "stress.pt")
+        g = torch.Generator().manual_seed(5)
+        big = torch.randn(2048, 2048, generator=g)              # 16 MiB
+        obj = {f"w{i}": torch.randn(1 << 20, generator=g) for i in range(10)}  # 40 MiB
+        obj["big"] = big
+        obj["big_t"] = big.t()                                 # strided view of a shared storage
+        obj["stepped"] = big[::3, 1::2]
+        obj["small"] = [torch.arange(i + 1, dtype=torch.int16) for i in range(50)]
+        torch.save(obj, cls.path)
+        cls.expected = {}
+        for key, t in torch_tensors(torch.load(cls.path)).items():
+            cls.expected[key] = torch_bytes(t)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_random_reads_under_a_tiny_limit(self):
+        with Mount(self.path, "--limit-mb", str(LIMIT_MIB)) as m:
+            by_path = {e["path"]: tuple(e["key"]) for e in m.index()["tensors"]}
+            start = time.monotonic()
+            procs = [subprocess.Popen(["/usr/bin/python3", WORKER, "random", m.path, str(SECONDS), str(seed), str(THREADS)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                     for seed in range(PROCESSES)]
+            for p in procs:
+                self.assertEqual(p.stdout.readline().strip(), "ready")
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            checks = []
+            for p in procs:
+                # A deadlock would show here: the readers must finish shortly after SECONDS.
+                out, _ = p.communicate(timeout=SECONDS + 120)
+                self.assertEqual(p.returncode, 0)
+                checks += json.loads(out.strip().splitlines()[-1])["checks"]
+            elapsed = time.monotonic() - start
+            with open(m.file(".ckptfs/stats")) as f:
+                stats = json.load(f)
+            self.assertIsNone(m.proc.poll(), "the daemon died under load")
+        self.assertFalse(is_mounted(m.path))
+        bad = 0
+        total_bytes = 0
+        for path, off, length, digest in checks:
+            want = self.expected[by_path[path]][off:off + length]
+            total_bytes += length
+            if hashlib.sha256(want).hexdigest() != digest:
+                bad += 1
+        print(f"\nstress: {len(checks)} random reads, {total_bytes / MIB:.0f} MiB verified in {elapsed:.1f} s by "
+              f"{PROCESSES}x{THREADS} threads; {stats['invalidations']} invalidations, "
+              f"{stats['evictions']} evictions, hits {stats['hits']} misses {stats['misses']}", file=sys.stderr)
+        self.assertEqual(bad, 0, f"{bad} of {len(checks)} random reads returned wrong bytes")
+        self.assertGreater(len(checks), 100)
+        self.assertEqual(stats["hits"] + stats["misses"], stats["lookups"])
+        self.assertEqual(stats["read_errors"], 0)
+        self.assertEqual(stats["checkpoint_read_errors"], 0)
+        self.assertGreater(stats["evictions"], 0)
+        self.assertGreater(stats["invalidations"], 0)
+        self.assertLessEqual(stats["daemon_resident_bytes"], stats["daemon_budget_bytes"])
+
+
+if __name__ == "__main__":
+    unittest.main()
