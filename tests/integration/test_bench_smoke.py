@@ -1,0 +1,31 @@
+"""Benchmarks are not tests: this only proves scripts/bench-memory still runs end to end at
+a tiny size and writes its plot and table (the numbers themselves are not judged here)."""
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ckptfs_testlib import BINARY, require_fuse  # noqa: E402
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+class BenchSmokeTest(unittest.TestCase):
+    def test_bench_memory_runs(self):
+        require_fuse()
+        with tempfile.TemporaryDirectory(prefix="ckptfs-bench-smoke-") as out:
+            r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "scripts", "bench-memory"), "--size-mib", "32",
+                                "--limit-mb", "8", "--out-dir", out, "--binary", BINARY],
+                               capture_output=True, text=True, timeout=600)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            self.assertGreater(os.path.getsize(os.path.join(out, "bench-memory.png")), 10000)
+            with open(os.path.join(out, "benchmarks.md")) as f:
+                md = f.read()
+            for method in ("ckptfs --limit-mb 8", "| mmap |", "| torch.load |"):
+                self.assertIn(method, md)
+
+
+if __name__ == "__main__":
+    unittest.main()
