@@ -16,12 +16,16 @@ MappedRegion::MappedRegion(std::size_t bytes) : size_(bytes) {
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) {
     int err = errno;
-    throw IoError(fmt::format("cannot reserve {} bytes for the block cache: {}", bytes, std::strerror(err)), err);
+    throw IoError(
+        fmt::format("cannot reserve {} bytes for the block cache: {}", bytes, errno_text(err)),
+        err);
   }
   data_ = static_cast<std::byte*>(p);
 }
 
-MappedRegion::~MappedRegion() { ::munmap(data_, size_); }
+MappedRegion::~MappedRegion() {
+  ::munmap(data_, size_);
+}
 
 namespace {
 
@@ -38,7 +42,8 @@ std::uint64_t slot_count(std::uint64_t capacity, std::uint32_t block) {
 
 }  // namespace
 
-BlockCache::BlockCache(const ByteSource& source, std::uint64_t capacity_bytes, std::uint32_t block_size)
+BlockCache::BlockCache(const ByteSource& source, std::uint64_t capacity_bytes,
+                       std::uint32_t block_size)
     : source_(source),
       block_size_(pick_block_size(capacity_bytes, block_size)),
       arena_(slot_count(capacity_bytes, block_size_) * block_size_),
@@ -102,7 +107,8 @@ std::uint32_t BlockCache::acquire(std::uint64_t block) {
     lock.unlock();
 
     const std::uint64_t offset = block * block_size_;
-    const auto length = static_cast<std::uint32_t>(std::min<std::uint64_t>(block_size_, source_.size() - offset));
+    const auto length =
+        static_cast<std::uint32_t>(std::min<std::uint64_t>(block_size_, source_.size() - offset));
     std::byte* dst = arena_.data() + static_cast<std::size_t>(victim) * block_size_;
     try {
       source_.read_block(offset, std::span(dst, block_size_), length);
@@ -156,17 +162,22 @@ BlockCache::Pin BlockCache::pin(std::uint64_t offset) {
     std::lock_guard lock(mu_);
     length = slots_[slot].length;
   }
-  return Pin(this, slot, block * block_size_, std::span<const std::byte>(arena_.data() + static_cast<std::size_t>(slot) * block_size_, length));
+  return Pin(this, slot, block * block_size_,
+             std::span<const std::byte>(
+                 arena_.data() + static_cast<std::size_t>(slot) * block_size_, length));
 }
 
 void BlockCache::read(std::uint64_t offset, std::span<std::byte> dst) {
   if (offset > source_.size() || dst.size() > source_.size() - offset) {
-    throw IoError(fmt::format("read of {} bytes at {} is outside {}", dst.size(), offset, source_.describe()), EIO);
+    throw IoError(
+        fmt::format("read of {} bytes at {} is outside {}", dst.size(), offset, source_.describe()),
+        EIO);
   }
   std::size_t done = 0;
   while (done < dst.size()) {
     Pin p = pin(offset + done);
-    std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(p.end() - (offset + done), dst.size() - done));
+    std::size_t n = static_cast<std::size_t>(
+        std::min<std::uint64_t>(p.end() - (offset + done), dst.size() - done));
     std::memcpy(dst.data() + done, p.at(offset + done), n);
     done += n;
   }

@@ -58,13 +58,17 @@ class BlockCache {
   // A block held in the cache while its owner copies from it (RAII: unpinned on destruction).
   class Pin {
    public:
-    Pin(Pin&& other) noexcept : cache_(std::exchange(other.cache_, nullptr)), slot_(other.slot_), begin_(other.begin_), bytes_(other.bytes_) {}
+    Pin(Pin&& other) noexcept
+        : cache_(std::exchange(other.cache_, nullptr)),
+          slot_(other.slot_),
+          begin_(other.begin_),
+          bytes_(other.bytes_) {}
     Pin& operator=(Pin&& other) noexcept;
     Pin(const Pin&) = delete;
     Pin& operator=(const Pin&) = delete;
     ~Pin() { reset(); }
 
-    std::uint64_t begin() const { return begin_; }                  // source offset of byte 0
+    std::uint64_t begin() const { return begin_; }  // source offset of byte 0
     std::uint64_t end() const { return begin_ + bytes_.size(); }
     bool contains(std::uint64_t offset, std::uint64_t length) const {
       return offset >= begin_ && offset + length <= end();
@@ -73,7 +77,8 @@ class BlockCache {
 
    private:
     friend class BlockCache;
-    Pin(BlockCache* cache, std::uint32_t slot, std::uint64_t begin, std::span<const std::byte> bytes)
+    Pin(BlockCache* cache, std::uint32_t slot, std::uint64_t begin,
+        std::span<const std::byte> bytes)
         : cache_(cache), slot_(slot), begin_(begin), bytes_(bytes) {}
     void reset();
     BlockCache* cache_;

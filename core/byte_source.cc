@@ -15,12 +15,12 @@ LocalFileSource::LocalFileSource(const std::string& path) : path_(path) {
   fd_.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd_) {
     int err = errno;
-    throw IoError(fmt::format("cannot open '{}': {}", path, std::strerror(err)), err);
+    throw IoError(fmt::format("cannot open '{}': {}", path, errno_text(err)), err);
   }
   struct stat st {};
   if (::fstat(fd_.get(), &st) != 0) {
     int err = errno;
-    throw IoError(fmt::format("cannot stat '{}': {}", path, std::strerror(err)), err);
+    throw IoError(fmt::format("cannot stat '{}': {}", path, errno_text(err)), err);
   }
   if (!S_ISREG(st.st_mode)) {
     throw IoError(fmt::format("'{}' is not a regular file", path), EINVAL);
@@ -36,32 +36,42 @@ LocalFileSource::LocalFileSource(const std::string& path) : path_(path) {
 void LocalFileSource::pread_fully(int fd, std::uint64_t offset, std::span<std::byte> dst) const {
   std::size_t done = 0;
   while (done < dst.size()) {
-    ssize_t n = ::pread(fd, dst.data() + done, dst.size() - done, static_cast<off_t>(offset + done));
+    ssize_t n =
+        ::pread(fd, dst.data() + done, dst.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       int err = errno;
-      throw IoError(fmt::format("read error in '{}' at offset {}: {}", path_, offset + done, std::strerror(err)), err);
+      throw IoError(
+          fmt::format("read error in '{}' at offset {}: {}", path_, offset + done, errno_text(err)),
+          err);
     }
     if (n == 0) {
       // The file shrank under us: never hand out a short buffer.
-      throw IoError(fmt::format("'{}' ended at offset {} (truncated while mounted?)", path_, offset + done), EIO);
+      throw IoError(
+          fmt::format("'{}' ended at offset {} (truncated while mounted?)", path_, offset + done),
+          EIO);
     }
     done += static_cast<std::size_t>(n);
   }
 }
 
-void LocalFileSource::read_block(std::uint64_t offset, std::span<std::byte> block, std::size_t length) const {
+void LocalFileSource::read_block(std::uint64_t offset, std::span<std::byte> block,
+                                 std::size_t length) const {
   if (offset > size_ || length > size_ - offset || length > block.size()) {
-    throw IoError(fmt::format("block read of {} bytes at offset {} runs past the end of '{}'", length, offset, path_), EIO);
+    throw IoError(fmt::format("block read of {} bytes at offset {} runs past the end of '{}'",
+                              length, offset, path_),
+                  EIO);
   }
   const std::size_t rounded = (length + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
-  const bool aligned = offset % kDirectAlign == 0 && reinterpret_cast<std::uintptr_t>(block.data()) % kDirectAlign == 0 &&
+  const bool aligned = offset % kDirectAlign == 0 &&
+                       reinterpret_cast<std::uintptr_t>(block.data()) % kDirectAlign == 0 &&
                        rounded <= block.size();
   if (direct_ok_.load(std::memory_order_relaxed) && aligned) {
     // Direct reads must be whole aligned units; the tail past EOF simply comes back short.
     std::size_t done = 0;
     while (done < length) {
-      ssize_t n = ::pread(direct_.get(), block.data() + done, rounded - done, static_cast<off_t>(offset + done));
+      ssize_t n = ::pread(direct_.get(), block.data() + done, rounded - done,
+                          static_cast<off_t>(offset + done));
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && errno == EINVAL && done == 0) {
         // The filesystem opened with O_DIRECT but refuses these reads: fall back for good.
@@ -70,20 +80,27 @@ void LocalFileSource::read_block(std::uint64_t offset, std::span<std::byte> bloc
       }
       if (n < 0) {
         int err = errno;
-        throw IoError(fmt::format("read error in '{}' at offset {}: {}", path_, offset + done, std::strerror(err)), err);
+        throw IoError(fmt::format("read error in '{}' at offset {}: {}", path_, offset + done,
+                                  errno_text(err)),
+                      err);
       }
       if (n == 0) {
-        throw IoError(fmt::format("'{}' ended at offset {} (truncated while mounted?)", path_, offset + done), EIO);
+        throw IoError(
+            fmt::format("'{}' ended at offset {} (truncated while mounted?)", path_, offset + done),
+            EIO);
       }
       done += static_cast<std::size_t>(n);
     }
     if (done >= length) return;
   }
   pread_fully(fd_.get(), offset, block.first(length));
-  ::posix_fadvise(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(length), POSIX_FADV_DONTNEED);
+  ::posix_fadvise(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(length),
+                  POSIX_FADV_DONTNEED);
 }
 
-void LocalFileSource::drop_cache() const { ::posix_fadvise(fd_.get(), 0, 0, POSIX_FADV_DONTNEED); }
+void LocalFileSource::drop_cache() const {
+  ::posix_fadvise(fd_.get(), 0, 0, POSIX_FADV_DONTNEED);
+}
 
 void LocalFileSource::read_at(std::uint64_t offset, std::span<std::byte> dst) const {
   if (offset > size_ || dst.size() > size_ - offset) {

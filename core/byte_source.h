@@ -35,7 +35,8 @@ class ByteSource {
   // Reads the |length| bytes at |offset| into the start of |block|, a cache block whose
   // capacity may exceed |length|. Sources that can bypass their own caching (O_DIRECT) do it
   // here, so checkpoint data is held once, in the block cache. Same errors as read_at.
-  virtual void read_block(std::uint64_t offset, std::span<std::byte> block, std::size_t length) const {
+  virtual void read_block(std::uint64_t offset, std::span<std::byte> block,
+                          std::size_t length) const {
     read_at(offset, block.first(length));
   }
 
@@ -57,7 +58,8 @@ class LocalFileSource final : public ByteSource {
   void read_at(std::uint64_t offset, std::span<std::byte> dst) const override;
   std::timespec mtime() const override { return mtime_; }
   std::string describe() const override { return path_; }
-  void read_block(std::uint64_t offset, std::span<std::byte> block, std::size_t length) const override;
+  void read_block(std::uint64_t offset, std::span<std::byte> block,
+                  std::size_t length) const override;
   void drop_cache() const override;
   // "O_DIRECT" when the filesystem takes direct I/O, else "fadvise(DONTNEED)".
   std::string cache_mode() const override { return direct_ok_ ? "O_DIRECT" : "fadvise(DONTNEED)"; }

@@ -26,14 +26,16 @@ void append_key(std::string& out, const std::vector<KeyPart>& key) {
 
 NodeIndex TensorCatalog::lookup(NodeIndex dir, std::string_view name) const {
   const auto& kids = nodes_[dir].children;
-  auto it = std::lower_bound(kids.begin(), kids.end(), name,
-                             [this](NodeIndex n, std::string_view v) { return nodes_[n].name < v; });
+  auto it =
+      std::lower_bound(kids.begin(), kids.end(), name,
+                       [this](NodeIndex n, std::string_view v) { return nodes_[n].name < v; });
   return it != kids.end() && nodes_[*it].name == name ? *it : kNoNode;
 }
 
 std::string TensorCatalog::relative_path(NodeIndex i) const {
   std::vector<const std::string*> parts;
-  for (NodeIndex n = i; n != kRoot && n != kNoNode; n = nodes_[n].parent) parts.push_back(&nodes_[n].name);
+  for (NodeIndex n = i; n != kRoot && n != kNoNode; n = nodes_[n].parent)
+    parts.push_back(&nodes_[n].name);
   std::string out;
   for (auto it = parts.rbegin(); it != parts.rend(); ++it) {
     if (!out.empty()) out.push_back('/');
@@ -62,7 +64,9 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
   out += ",\n  \"byteorder\": \"little\"";
   if (big_endian_) out += ",\n  \"byteswapped\": \"stored big-endian; served little-endian\"";
   if (t.dtype.name == "bfloat16") {
-    out += ",\n  \"note\": \"numpy has no bfloat16: read as <u2 raw bits; float32 = (bits.astype('<u4') << 16).view('<f4')\"";
+    out +=
+        ",\n  \"note\": \"numpy has no bfloat16: read as <u2 raw bits; float32 = "
+        "(bits.astype('<u4') << 16).view('<f4')\"";
   }
   out += ",\n  \"source\": {\n    \"format\": ";
   append_json_string(out, format_);
@@ -74,11 +78,13 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
     append_json_string(out, s.record);
     out += ",\n    \"location\": ";
     append_json_string(out, s.location);
-    out += fmt::format(",\n    \"file_offset\": {},\n    \"storage_nbytes\": {}", s.offset, s.nbytes);
+    out +=
+        fmt::format(",\n    \"file_offset\": {},\n    \"storage_nbytes\": {}", s.offset, s.nbytes);
   }
   out += fmt::format(",\n    \"storage_offset\": {},\n    \"stride\": ", t.storage_offset);
   append_json_int_array(out, t.stride);
-  out += fmt::format(",\n    \"contiguous\": {}\n  }}", t.layout && t.layout->contiguous() ? "true" : "false");
+  out += fmt::format(",\n    \"contiguous\": {}\n  }}",
+                     t.layout && t.layout->contiguous() ? "true" : "false");
   if (!t.error.empty()) {
     out += ",\n  \"error\": ";
     append_json_string(out, t.error);

@@ -33,9 +33,9 @@ struct KeyPart {
 
 // A contiguous run of checkpoint bytes holding one storage.
 struct StorageInfo {
-  std::string key;       // the persistent-id key, e.g. "0"
-  std::string record;    // e.g. "archive/data/0"
-  std::string location;  // e.g. "cpu", "cuda:0" (metadata only)
+  std::string key;           // the persistent-id key, e.g. "0"
+  std::string record;        // e.g. "archive/data/0"
+  std::string location;      // e.g. "cpu", "cuda:0" (metadata only)
   std::uint64_t offset = 0;  // absolute offset in the checkpoint
   std::uint64_t nbytes = 0;
 };
@@ -51,8 +51,8 @@ struct TensorInfo {
   std::uint32_t storage = kNoStorage;
   std::uint64_t nbytes = 0;
   bool requires_grad = false;
-  std::string wrapper;  // e.g. "torch.nn.parameter.Parameter", or a tensor subclass
-  std::string error;    // non-empty: the file exists but reads fail (EIO); says why
+  std::string wrapper;                 // e.g. "torch.nn.parameter.Parameter", or a tensor subclass
+  std::string error;                   // non-empty: the file exists but reads fail (EIO); says why
   std::optional<TensorLayout> layout;  // set when error is empty
 };
 

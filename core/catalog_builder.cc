@@ -36,12 +36,15 @@ std::uint64_t logical_nbytes(const std::vector<std::int64_t>& shape, std::uint32
 
 }  // namespace
 
-CatalogBuilder::CatalogBuilder(const ValueArena& arena, TensorCatalog& catalog, StorageResolver resolver)
+CatalogBuilder::CatalogBuilder(const ValueArena& arena, TensorCatalog& catalog,
+                               StorageResolver resolver)
     : arena_(arena), catalog_(catalog), resolve_(std::move(resolver)) {}
 
 NodeIndex CatalogBuilder::add_node(Node n) {
   if (catalog_.nodes_.size() >= kMaxNodes) {
-    throw FormatError(fmt::format("checkpoint expands to more than {} files (shared objects referenced too often?)", kMaxNodes));
+    throw FormatError(fmt::format(
+        "checkpoint expands to more than {} files (shared objects referenced too often?)",
+        kMaxNodes));
   }
   catalog_.nodes_.push_back(std::move(n));
   return static_cast<NodeIndex>(catalog_.nodes_.size() - 1);
@@ -49,7 +52,8 @@ NodeIndex CatalogBuilder::add_node(Node n) {
 
 bool CatalogBuilder::is_container(ValueId v) const {
   auto k = arena_[v].kind;
-  return k == ValueKind::Dict || k == ValueKind::List || k == ValueKind::Tuple || k == ValueKind::Set;
+  return k == ValueKind::Dict || k == ValueKind::List || k == ValueKind::Tuple ||
+         k == ValueKind::Set;
 }
 
 // Reads an int tuple, accepting torch.Size(tuple) too.
@@ -70,18 +74,21 @@ static std::optional<std::vector<std::int64_t>> int_tuple(const ValueArena& a, V
   return out;
 }
 
-std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const std::string& fn, ValueId args_id, int depth) {
+std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const std::string& fn,
+                                                                          ValueId args_id,
+                                                                          int depth) {
   if (args_id == kNoValue || depth > 8) return std::nullopt;
   const Value& args = arena_[args_id];
   if (args.kind != ValueKind::Tuple && args.kind != ValueKind::List) return std::nullopt;
   const auto& argv = args.items;
 
-  if (fn == "torch._utils._rebuild_parameter" || fn == "torch._utils._rebuild_parameter_with_state" ||
-      fn == "torch.nn.parameter.Parameter") {
+  if (fn == "torch._utils._rebuild_parameter" ||
+      fn == "torch._utils._rebuild_parameter_with_state" || fn == "torch.nn.parameter.Parameter") {
     if (argv.empty()) return std::nullopt;
     auto inner = parse_tensor(argv[0], depth + 1);
     if (inner) {
-      if (argv.size() > 1 && arena_[argv[1]].kind == ValueKind::Bool) inner->info.requires_grad = arena_[argv[1]].boolean;
+      if (argv.size() > 1 && arena_[argv[1]].kind == ValueKind::Bool)
+        inner->info.requires_grad = arena_[argv[1]].boolean;
       inner->info.wrapper = "torch.nn.parameter.Parameter";
     }
     return inner;
@@ -90,8 +97,8 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
     // (func, new_type, args, state): the tensor is func(*args); new_type is only recorded.
     if (argv.size() < 3 || arena_[argv[0]].kind != ValueKind::Global) return std::nullopt;
     auto inner = parse_rebuild(arena_[argv[0]].text, argv[2], depth + 1);
-    if (inner && arena_[argv[1]].kind == ValueKind::Global && arena_[argv[1]].text != "torch.Tensor" &&
-        inner->info.wrapper.empty()) {
+    if (inner && arena_[argv[1]].kind == ValueKind::Global &&
+        arena_[argv[1]].text != "torch.Tensor" && inner->info.wrapper.empty()) {
       inner->info.wrapper = arena_[argv[1]].text;
     }
     return inner;
@@ -115,7 +122,8 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
   t.shape = *shape;
   t.stride = *stride;
   t.storage_offset = arena_[argv[1]].integer;
-  if (!quantized && argv.size() > 4 && arena_[argv[4]].kind == ValueKind::Bool) t.requires_grad = arena_[argv[4]].boolean;
+  if (!quantized && argv.size() > 4 && arena_[argv[4]].kind == ValueKind::Bool)
+    t.requires_grad = arena_[argv[4]].boolean;
 
   if (arena_[argv[0]].kind != ValueKind::PersistentRef) {
     t.error = "tensor storage is not a storage reference";
@@ -125,7 +133,8 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
   t.dtype = rs.dtype;
   if (v3) {
     std::optional<DType> dt;
-    if (argv.size() > 6 && arena_[argv[6]].kind == ValueKind::Global) dt = dtype_by_name(arena_[argv[6]].text);
+    if (argv.size() > 6 && arena_[argv[6]].kind == ValueKind::Global)
+      dt = dtype_by_name(arena_[argv[6]].text);
     if (!dt) {
       t.error = "unknown dtype in _rebuild_tensor_v3";
       return p;
@@ -145,13 +154,16 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
     for (std::size_t i = 0; i + 1 < kv.size(); i += 2) {
       const Value& k = arena_[kv[i]];
       const Value& val = arena_[kv[i + 1]];
-      if (k.kind == ValueKind::Str && (k.text == "conj" || k.text == "neg") && val.kind == ValueKind::Bool && val.boolean) {
-        t.error = fmt::format("tensor has the '{}' bit set, which ckptfs does not apply yet", k.text);
+      if (k.kind == ValueKind::Str && (k.text == "conj" || k.text == "neg") &&
+          val.kind == ValueKind::Bool && val.boolean) {
+        t.error =
+            fmt::format("tensor has the '{}' bit set, which ckptfs does not apply yet", k.text);
       }
     }
   }
   const StorageInfo& s = catalog_.storages_[t.storage];
-  if (auto err = TensorLayout::validate(t.shape, t.stride, t.storage_offset, t.dtype.itemsize, s.nbytes)) {
+  if (auto err =
+          TensorLayout::validate(t.shape, t.stride, t.storage_offset, t.dtype.itemsize, s.nbytes)) {
     t.error = *err;
     return p;
   }
@@ -181,20 +193,23 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
     p.info.nbytes = p.info.layout->nbytes();
     return p;
   }
-  if (val.kind != ValueKind::Object || arena_[val.cls].kind != ValueKind::Global) return std::nullopt;
+  if (val.kind != ValueKind::Object || arena_[val.cls].kind != ValueKind::Global)
+    return std::nullopt;
   const std::string& fn = arena_[val.cls].text;
   if (!is_tensor_function(fn)) return std::nullopt;
   return parse_rebuild(fn, val.args, depth);
 }
 
 std::uint32_t CatalogBuilder::register_storage(const StorageInfo& s) {
-  auto [it, fresh] = storage_index_.emplace(s.key, static_cast<std::uint32_t>(catalog_.storages_.size()));
+  auto [it, fresh] =
+      storage_index_.emplace(s.key, static_cast<std::uint32_t>(catalog_.storages_.size()));
   if (fresh) catalog_.storages_.push_back(s);
   return it->second;
 }
 
 bool CatalogBuilder::contains_tensor(ValueId v, int depth) {
-  if (depth > kMaxDepth) throw FormatError(fmt::format("objects nested deeper than {} levels", kMaxDepth));
+  if (depth > kMaxDepth)
+    throw FormatError(fmt::format("objects nested deeper than {} levels", kMaxDepth));
   const Value& val = arena_[v];
   if (val.kind == ValueKind::PersistentRef) return true;
   if (val.kind != ValueKind::Object && !is_container(v)) return false;
@@ -289,7 +304,8 @@ std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) const 
         if (st.kind == ValueKind::Dict) {
           add_dict(val.state);
         } else if (st.kind == ValueKind::Tuple && st.items.size() == 2 &&
-                   (arena_[st.items[0]].kind == ValueKind::Dict || arena_[st.items[0]].kind == ValueKind::None) &&
+                   (arena_[st.items[0]].kind == ValueKind::Dict ||
+                    arena_[st.items[0]].kind == ValueKind::None) &&
                    arena_[st.items[1]].kind == ValueKind::Dict) {
           if (arena_[st.items[0]].kind == ValueKind::Dict) add_dict(st.items[0]);
           add_dict(st.items[1]);  // (__dict__, __slots__ values)
@@ -297,7 +313,8 @@ std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) const 
           out.push_back({named("__state__"), val.state});
         }
       }
-      if (val.args != kNoValue && !arena_[val.args].items.empty()) out.push_back({named("__args__"), val.args});
+      if (val.args != kNoValue && !arena_[val.args].items.empty())
+        out.push_back({named("__args__"), val.args});
       if (val.dict_items != kNoValue) out.push_back({named("__items__"), val.dict_items});
       if (val.list_items != kNoValue) out.push_back({named("__list__"), val.list_items});
       break;
@@ -308,8 +325,10 @@ std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) const 
   return out;
 }
 
-void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPart>& key, int depth) {
-  if (depth > kMaxDepth) throw FormatError(fmt::format("objects nested deeper than {} levels", kMaxDepth));
+void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPart>& key,
+                                    int depth) {
+  if (depth > kMaxDepth)
+    throw FormatError(fmt::format("objects nested deeper than {} levels", kMaxDepth));
   std::vector<Child> kids = children_of(v);
 
   // A dict that sets one key twice keeps the last value at the first position, as Python does.
@@ -340,7 +359,8 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
     Pending p{&c, Pending::Json, parse_tensor(c.value, 0), {}};
     if (p.tensor && !p.tensor->quantized) {
       p.what = Pending::Tensor;
-    } else if (!p.tensor && (is_container(c.value) || (arena_[c.value].kind == ValueKind::Object && contains_tensor(c.value, depth)))) {
+    } else if (!p.tensor && (is_container(c.value) || (arena_[c.value].kind == ValueKind::Object &&
+                                                       contains_tensor(c.value, depth)))) {
       p.what = Pending::Dir;
     }
     entries.push_back(std::move(p));
@@ -386,7 +406,8 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
       info.path = catalog_.relative_path(data_node);
       info.sidecar = catalog_.relative_path(meta_node);
       if (!info.error.empty()) {
-        catalog_.warnings_.push_back(fmt::format("tensor '{}': {} (reads return EIO; see {})", info.path, info.error, info.sidecar));
+        catalog_.warnings_.push_back(fmt::format("tensor '{}': {} (reads return EIO; see {})",
+                                                 info.path, info.error, info.sidecar));
       }
       catalog_.tensors_.push_back(std::move(info));
     } else if (p.what == Pending::Dir) {
@@ -405,7 +426,8 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
       j.text = render_json(p.child->value);
       if (p.tensor && p.tensor->quantized) {
         const TensorInfo& q = p.tensor->info;
-        std::string why = fmt::format("quantized tensor ({}): no raw file, see {}", q.dtype.name, j.name);
+        std::string why =
+            fmt::format("quantized tensor ({}): no raw file, see {}", q.dtype.name, j.name);
         j.text = "{\"kind\": \"quantized tensor\", \"dtype\": ";
         append_json_string(j.text, q.dtype.name);
         j.text += ", \"shape\": ";
@@ -417,20 +439,25 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
       NodeIndex n = add_node(std::move(j));
       catalog_.nodes_[dir].children.push_back(n);
       if (p.tensor && p.tensor->quantized) {
-        catalog_.warnings_.push_back(fmt::format("quantized tensor '{}' ({}): no raw file, see {}",
-                                                 catalog_.relative_path(n).substr(0, catalog_.relative_path(n).size() - 5),
-                                                 p.tensor->info.dtype.name, catalog_.relative_path(n)));
+        catalog_.warnings_.push_back(
+            fmt::format("quantized tensor '{}' ({}): no raw file, see {}",
+                        catalog_.relative_path(n).substr(0, catalog_.relative_path(n).size() - 5),
+                        p.tensor->info.dtype.name, catalog_.relative_path(n)));
       }
     }
     key.pop_back();
   }
   auto& ch = catalog_.nodes_[dir].children;
-  std::sort(ch.begin(), ch.end(), [this](NodeIndex a, NodeIndex b) { return catalog_.nodes_[a].name < catalog_.nodes_[b].name; });
+  std::sort(ch.begin(), ch.end(), [this](NodeIndex a, NodeIndex b) {
+    return catalog_.nodes_[a].name < catalog_.nodes_[b].name;
+  });
 }
 
 void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<ValueId>& on_path) {
-  if (out.size() > kMaxJsonBytes) throw FormatError("a non-tensor value renders to more than 256 MiB of JSON");
-  if (depth > kMaxDepth) throw FormatError(fmt::format("objects nested deeper than {} levels", kMaxDepth));
+  if (out.size() > kMaxJsonBytes)
+    throw FormatError("a non-tensor value renders to more than 256 MiB of JSON");
+  if (depth > kMaxDepth)
+    throw FormatError(fmt::format("objects nested deeper than {} levels", kMaxDepth));
   const Value& val = arena_[v];
   bool compound = is_container(v) || val.kind == ValueKind::Object;
   if (compound && std::find(on_path.begin(), on_path.end(), v) != on_path.end()) {
@@ -447,12 +474,24 @@ void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<
     out.push_back(']');
   };
   switch (val.kind) {
-    case ValueKind::None: out += "null"; break;
-    case ValueKind::Bool: out += val.boolean ? "true" : "false"; break;
-    case ValueKind::Int: out += fmt::format("{}", val.integer); break;
-    case ValueKind::BigInt: out += val.text; break;
-    case ValueKind::Float: append_json_number(out, val.real); break;
-    case ValueKind::Str: append_json_string(out, val.text); break;
+    case ValueKind::None:
+      out += "null";
+      break;
+    case ValueKind::Bool:
+      out += val.boolean ? "true" : "false";
+      break;
+    case ValueKind::Int:
+      out += fmt::format("{}", val.integer);
+      break;
+    case ValueKind::BigInt:
+      out += val.text;
+      break;
+    case ValueKind::Float:
+      append_json_number(out, val.real);
+      break;
+    case ValueKind::Str:
+      append_json_string(out, val.text);
+      break;
     case ValueKind::Bytes: {
       out += "{\"__bytes_hex__\": \"";
       for (char c : val.text) out += fmt::format("{:02x}", static_cast<unsigned char>(c));
@@ -535,7 +574,8 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   add_node(std::move(r));
   // The root object itself is rarely a leaf; if it is, wrap it so that the tree has one file.
   ValueId top = root;
-  if (!is_container(root) && !(arena_[root].kind == ValueKind::Object && contains_tensor(root, 0) && !parse_tensor(root, 0))) {
+  if (!is_container(root) && !(arena_[root].kind == ValueKind::Object && contains_tensor(root, 0) &&
+                               !parse_tensor(root, 0))) {
     Value wrapper;
     wrapper.kind = ValueKind::Dict;
     Value name;
@@ -575,7 +615,9 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   catalog_.nodes_[meta_dir].children = {index_node, stats_node};
   auto& rc = catalog_.nodes_[TensorCatalog::kRoot].children;
   rc.push_back(meta_dir);
-  std::sort(rc.begin(), rc.end(), [this](NodeIndex a, NodeIndex b) { return catalog_.nodes_[a].name < catalog_.nodes_[b].name; });
+  std::sort(rc.begin(), rc.end(), [this](NodeIndex a, NodeIndex b) {
+    return catalog_.nodes_[a].name < catalog_.nodes_[b].name;
+  });
 }
 
 }  // namespace ckptfs

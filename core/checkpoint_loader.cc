@@ -16,8 +16,8 @@ namespace {
 
 constexpr std::uint64_t kMaxPickleBytes = 2ull << 30;
 // Protocol-2 pickle of torch's legacy magic number 0x1950a86a20f9469cfc6c.
-constexpr std::array<unsigned char, 15> kLegacyMagic = {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46,
-                                                        0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e};
+constexpr std::array<unsigned char, 15> kLegacyMagic = {
+    0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e};
 
 TensorCatalog load_torch_zip(const ByteSource& source) {
   ZipDirectory zip(source);
@@ -26,17 +26,20 @@ TensorCatalog load_torch_zip(const ByteSource& source) {
   const std::string& first = zip.entries().front().name;
   auto slash = first.find('/');
   if (slash == std::string::npos) {
-    throw FormatError("zip archive is not a torch.save checkpoint (its first entry has no directory prefix)");
+    throw FormatError(
+        "zip archive is not a torch.save checkpoint (its first entry has no directory prefix)");
   }
   const std::string prefix = first.substr(0, slash + 1);
   // TorchScript archives also hold a data.pkl (with __torch__ classes); torch itself tells
   // them apart by constants.pkl.
   if (zip.find(prefix + "constants.pkl") != nullptr) {
-    throw FormatError("this is a TorchScript archive (torch.jit.save), not a torch.save checkpoint");
+    throw FormatError(
+        "this is a TorchScript archive (torch.jit.save), not a torch.save checkpoint");
   }
   const ZipEntry* pkl = zip.find(prefix + "data.pkl");
   if (pkl == nullptr) {
-    throw FormatError(fmt::format("zip archive has no '{}data.pkl': not a torch.save checkpoint", prefix));
+    throw FormatError(
+        fmt::format("zip archive has no '{}data.pkl': not a torch.save checkpoint", prefix));
   }
 
   TensorCatalog catalog;
@@ -61,9 +64,9 @@ TensorCatalog load_torch_zip(const ByteSource& source) {
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
     ResolvedStorage r;
     const Value& t = arena[pid];
-    if (t.kind != ValueKind::Tuple || t.items.size() < 5 || arena[t.items[0]].kind != ValueKind::Str ||
-        arena[t.items[0]].text != "storage" || arena[t.items[1]].kind != ValueKind::Global ||
-        arena[t.items[2]].kind != ValueKind::Str) {
+    if (t.kind != ValueKind::Tuple || t.items.size() < 5 ||
+        arena[t.items[0]].kind != ValueKind::Str || arena[t.items[0]].text != "storage" ||
+        arena[t.items[1]].kind != ValueKind::Global || arena[t.items[2]].kind != ValueKind::Str) {
       r.error = "unrecognised persistent id (not a ('storage', type, key, location, numel) tuple)";
       return r;
     }
@@ -87,8 +90,9 @@ TensorCatalog load_torch_zip(const ByteSource& source) {
     if (e == nullptr) {
       r.error = fmt::format("storage record '{}' is missing from the archive", record);
     } else if (e->method != 0) {
-      r.error = fmt::format("storage record '{}' is compressed (zip method {}); only stored records are served yet",
-                            record, e->method);
+      r.error = fmt::format(
+          "storage record '{}' is compressed (zip method {}); only stored records are served yet",
+          record, e->method);
     } else {
       try {
         r.storage.offset = zip.data_offset(*e);
@@ -115,15 +119,18 @@ TensorCatalog load_checkpoint(const ByteSource& source) {
   source.read_at(0, std::as_writable_bytes(std::span(head.data(), n)));
   if (n >= 4 && std::memcmp(head.data(), "PK\x03\x04", 4) == 0) return load_torch_zip(source);
   if (n >= 4 && std::memcmp(head.data(), "PK\x05\x06", 4) == 0) return load_torch_zip(source);
-  if (n >= kLegacyMagic.size() && std::memcmp(head.data(), kLegacyMagic.data(), kLegacyMagic.size()) == 0) {
+  if (n >= kLegacyMagic.size() &&
+      std::memcmp(head.data(), kLegacyMagic.data(), kLegacyMagic.size()) == 0) {
     throw FormatError(
-        "legacy torch.save format (torch < 1.6 or _use_new_zipfile_serialization=False) is not supported yet");
+        "legacy torch.save format (torch < 1.6 or _use_new_zipfile_serialization=False) is not "
+        "supported yet");
   }
   if (n >= 9 && head[8] == '{') {
     throw FormatError("safetensors files are not supported yet");
   }
-  throw FormatError(fmt::format("not a PyTorch checkpoint (unrecognised header {:02x} {:02x} {:02x} {:02x})", head[0],
-                                n > 1 ? head[1] : 0, n > 2 ? head[2] : 0, n > 3 ? head[3] : 0));
+  throw FormatError(
+      fmt::format("not a PyTorch checkpoint (unrecognised header {:02x} {:02x} {:02x} {:02x})",
+                  head[0], n > 1 ? head[1] : 0, n > 2 ? head[2] : 0, n > 3 ? head[3] : 0));
 }
 
 }  // namespace ckptfs

@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <system_error>
 
 namespace ckptfs {
 
@@ -27,5 +28,10 @@ class IoError : public CkptError {
  private:
   int errno_;
 };
+
+// The text of an errno value; unlike std::strerror, safe to call from several threads.
+inline std::string errno_text(int err) {
+  return std::generic_category().message(err);
+}
 
 }  // namespace ckptfs

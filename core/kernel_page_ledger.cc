@@ -49,7 +49,8 @@ std::vector<KernelPageLedger::Range> KernelPageLedger::take_excess() {
   });
   std::vector<Range> merged;
   for (const Range& r : out) {
-    if (!merged.empty() && merged.back().inode == r.inode && merged.back().offset + merged.back().length == r.offset) {
+    if (!merged.empty() && merged.back().inode == r.inode &&
+        merged.back().offset + merged.back().length == r.offset) {
       merged.back().length += r.length;
     } else {
       merged.push_back(r);

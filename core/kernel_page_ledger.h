@@ -46,7 +46,9 @@ class KernelPageLedger {
     bool operator==(const Key&) const = default;
   };
   struct KeyHash {
-    std::size_t operator()(const Key& k) const noexcept { return std::hash<std::uint64_t>()(k.inode * 0x9E3779B97F4A7C15ull ^ k.chunk); }
+    std::size_t operator()(const Key& k) const noexcept {
+      return std::hash<std::uint64_t>()(k.inode * 0x9E3779B97F4A7C15ull ^ k.chunk);
+    }
   };
   struct Chunk {
     Key key;

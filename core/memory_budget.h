@@ -18,7 +18,8 @@ inline constexpr std::uint64_t kMinLimitBytes = 8ull << 20;
 
 inline MemoryBudget split_memory_budget(std::uint64_t limit_bytes) {
   limit_bytes = std::max(limit_bytes, kMinLimitBytes);
-  std::uint64_t cache = std::max<std::uint64_t>(limit_bytes / 4, 2ull << 20);  // 32 blocks of 64 KiB
+  std::uint64_t cache =
+      std::max<std::uint64_t>(limit_bytes / 4, 2ull << 20);  // 32 blocks of 64 KiB
   return {cache, limit_bytes - cache};
 }
 

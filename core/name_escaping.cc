@@ -40,8 +40,10 @@ std::string escape_name(std::string_view key) {
     std::size_t keep = kMaxBaseName - suffix.size();
     // Do not cut inside a UTF-8 sequence or a %XX escape.
     while (keep > 0 && (static_cast<unsigned char>(out[keep]) & 0xC0) == 0x80) --keep;
-    if (keep >= 1 && out[keep - 1] == '%') keep -= 1;
-    else if (keep >= 2 && out[keep - 2] == '%') keep -= 2;
+    if (keep >= 1 && out[keep - 1] == '%')
+      keep -= 1;
+    else if (keep >= 2 && out[keep - 2] == '%')
+      keep -= 2;
     out = out.substr(0, keep) + suffix;
   }
   return out;

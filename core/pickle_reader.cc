@@ -14,7 +14,8 @@ namespace ckptfs {
 
 ValueId ValueArena::add(Value v) {
   if (values_.size() >= max_values_) {
-    throw FormatError(fmt::format("pickle builds more than {} objects (refused as a bomb)", max_values_));
+    throw FormatError(
+        fmt::format("pickle builds more than {} objects (refused as a bomb)", max_values_));
   }
   values_.push_back(std::move(v));
   return static_cast<ValueId>(values_.size() - 1);
@@ -68,10 +69,12 @@ bool decode_utf8(std::string_view s, std::vector<std::uint32_t>& out) {
 std::pair<std::string, std::string> canonical_global(std::string module, std::string name) {
   if (module == "__builtin__") {
     module = "builtins";
-    if (name == "unicode") name = "str";
-    else if (name == "long") name = "int";
-    else if (name == "xrange") name = "range";
-    else if (name == "basestring") name = "str";
+    if (name == "unicode" || name == "basestring")
+      name = "str";
+    else if (name == "long")
+      name = "int";
+    else if (name == "xrange")
+      name = "range";
   } else if (module == "copy_reg") {
     module = "copyreg";
   } else if (module == "torch.tensor") {
@@ -103,7 +106,8 @@ std::string decode_raw_unicode_escape(std::string_view in) {
 
 // Decodes the body of a protocol-0 STRING opcode: a Python repr in quotes.
 std::string decode_python_string_literal(std::string_view line) {
-  if (line.size() < 2 || (line.front() != '\'' && line.front() != '"') || line.back() != line.front()) {
+  if (line.size() < 2 || (line.front() != '\'' && line.front() != '"') ||
+      line.back() != line.front()) {
     throw FormatError("pickle STRING opcode without matching quotes");
   }
   std::string_view s = line.substr(1, line.size() - 2);
@@ -115,16 +119,31 @@ std::string decode_python_string_literal(std::string_view line) {
     }
     char e = s[++i];
     switch (e) {
-      case 'n': out.push_back('\n'); break;
-      case 't': out.push_back('\t'); break;
-      case 'r': out.push_back('\r'); break;
-      case 'a': out.push_back('\a'); break;
-      case 'b': out.push_back('\b'); break;
-      case 'f': out.push_back('\f'); break;
-      case 'v': out.push_back('\v'); break;
+      case 'n':
+        out.push_back('\n');
+        break;
+      case 't':
+        out.push_back('\t');
+        break;
+      case 'r':
+        out.push_back('\r');
+        break;
+      case 'a':
+        out.push_back('\a');
+        break;
+      case 'b':
+        out.push_back('\b');
+        break;
+      case 'f':
+        out.push_back('\f');
+        break;
+      case 'v':
+        out.push_back('\v');
+        break;
       case 'x': {
         unsigned v = 0;
-        if (i + 2 < s.size() + 0 && std::from_chars(s.data() + i + 1, s.data() + i + 3, v, 16).ec == std::errc()) {
+        if (i + 2 < s.size() + 0 &&
+            std::from_chars(s.data() + i + 1, s.data() + i + 3, v, 16).ec == std::errc()) {
           out.push_back(static_cast<char>(v));
           i += 2;
         } else {
@@ -268,7 +287,8 @@ ValueId PickleReader::make_int_from_le(std::span<const std::byte> bytes) {
   Value v;
   if (bytes.size() <= 8) {
     std::uint64_t u = 0;
-    for (std::size_t i = 0; i < bytes.size(); ++i) u |= std::uint64_t(static_cast<std::uint8_t>(bytes[i])) << (8 * i);
+    for (std::size_t i = 0; i < bytes.size(); ++i)
+      u |= std::uint64_t(static_cast<std::uint8_t>(bytes[i])) << (8 * i);
     if (!bytes.empty() && bytes.size() < 8 && (static_cast<std::uint8_t>(bytes.back()) & 0x80)) {
       u |= ~std::uint64_t{0} << (8 * bytes.size());  // sign-extend
     }
@@ -325,13 +345,15 @@ ValueId PickleReader::call(ValueId callable, ValueId args, bool newobj) {
                                           : ValueKind::Set;
       if (!argv.empty()) {
         const Value& src = arena_[argv[0]];
-        if (src.kind == ValueKind::List || src.kind == ValueKind::Tuple || src.kind == ValueKind::Set) {
+        if (src.kind == ValueKind::List || src.kind == ValueKind::Tuple ||
+            src.kind == ValueKind::Set) {
           s.items = src.items;
         }
       }
       return arena_.add(std::move(s));
     }
-    if (!newobj && (name == "_codecs.encode" || name == "builtins.bytes" || name == "builtins.bytearray")) {
+    if (!newobj &&
+        (name == "_codecs.encode" || name == "builtins.bytes" || name == "builtins.bytearray")) {
       Value b;
       b.kind = ValueKind::Bytes;
       if (argv.empty()) return arena_.add(std::move(b));
@@ -340,7 +362,8 @@ ValueId PickleReader::call(ValueId callable, ValueId args, bool newobj) {
         b.text = src.text;
         return arena_.add(std::move(b));
       }
-      if (src.kind == ValueKind::Str && argv.size() == 2 && arena_[argv[1]].kind == ValueKind::Str &&
+      if (src.kind == ValueKind::Str && argv.size() == 2 &&
+          arena_[argv[1]].kind == ValueKind::Str &&
           (arena_[argv[1]].text == "latin1" || arena_[argv[1]].text == "latin-1")) {
         std::vector<std::uint32_t> cps;
         if (decode_utf8(src.text, cps) &&
@@ -386,7 +409,8 @@ void PickleReader::append_items(ValueId target, std::span<const ValueId> items) 
     }
     t = &arena_[arena_[target].list_items];
   }
-  if (t->kind != ValueKind::List && t->kind != ValueKind::Set) fail("APPEND on something that is not a list");
+  if (t->kind != ValueKind::List && t->kind != ValueKind::Set)
+    fail("APPEND on something that is not a list");
   t->items.insert(t->items.end(), items.begin(), items.end());
 }
 
@@ -471,7 +495,8 @@ ValueId PickleReader::read() {
           std::string_view digits = line;
           bool neg = !digits.empty() && digits.front() == '-';
           if (neg || (!digits.empty() && digits.front() == '+')) digits.remove_prefix(1);
-          if (digits.empty() || !std::all_of(digits.begin(), digits.end(), [](char ch) { return ch >= '0' && ch <= '9'; })) {
+          if (digits.empty() || !std::all_of(digits.begin(), digits.end(),
+                                             [](char ch) { return ch >= '0' && ch <= '9'; })) {
             fail("bad LONG literal");
           }
           v.kind = ValueKind::BigInt;
@@ -548,7 +573,7 @@ ValueId PickleReader::read() {
       case 'X':
       case 0x8c:
       case 0x8d: {  // BINUNICODE / SHORT_BINUNICODE / BINUNICODE8
-        std::uint64_t n = op == 0x8c ? take_le<std::uint8_t>()
+        std::uint64_t n = op == 0x8c  ? take_le<std::uint8_t>()
                           : op == 'X' ? take_le<std::uint32_t>()
                                       : take_le<std::uint64_t>();
         Value v;
@@ -561,7 +586,7 @@ ValueId PickleReader::read() {
       case 'C':
       case 0x8e:
       case 0x96: {  // BINBYTES / SHORT_BINBYTES / BINBYTES8 / BYTEARRAY8
-        std::uint64_t n = op == 'C' ? take_le<std::uint8_t>()
+        std::uint64_t n = op == 'C'   ? take_le<std::uint8_t>()
                           : op == 'B' ? take_le<std::uint32_t>()
                                       : take_le<std::uint64_t>();
         Value v;
@@ -575,7 +600,10 @@ ValueId PickleReader::read() {
       case '}':
       case 0x8f: {  // EMPTY_TUPLE / EMPTY_LIST / EMPTY_DICT / EMPTY_SET
         Value v;
-        v.kind = op == ')' ? ValueKind::Tuple : op == ']' ? ValueKind::List : op == '}' ? ValueKind::Dict : ValueKind::Set;
+        v.kind = op == ')'   ? ValueKind::Tuple
+                 : op == ']' ? ValueKind::List
+                 : op == '}' ? ValueKind::Dict
+                             : ValueKind::Set;
         push_new(std::move(v));
         break;
       }

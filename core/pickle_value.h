@@ -21,14 +21,14 @@ enum class ValueKind : std::uint8_t {
   Int,     // fits int64: |integer|
   BigInt,  // does not fit int64: |text| holds its decimal digits (with a leading '-')
   Float,
-  Str,    // |text| is UTF-8 as pickled (lone surrogates may appear, as Python's surrogatepass)
-  Bytes,  // |text| holds the raw bytes
-  Tuple,  // |items|
-  List,   // |items|
-  Set,    // |items|
-  Dict,   // |items| = key0, value0, key1, value1, ... in insertion order
-  Global,         // |text| = canonical "module.name" (Python 2 names mapped to Python 3)
-  Object,         // REDUCE/NEWOBJ/INST of anything that is not a plain data constructor
+  Str,     // |text| is UTF-8 as pickled (lone surrogates may appear, as Python's surrogatepass)
+  Bytes,   // |text| holds the raw bytes
+  Tuple,   // |items|
+  List,    // |items|
+  Set,     // |items|
+  Dict,    // |items| = key0, value0, key1, value1, ... in insertion order
+  Global,  // |text| = canonical "module.name" (Python 2 names mapped to Python 3)
+  Object,  // REDUCE/NEWOBJ/INST of anything that is not a plain data constructor
   PersistentRef,  // BINPERSID: |items|[0] is the persistent id
 };
 

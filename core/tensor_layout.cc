@@ -19,25 +19,30 @@ std::optional<std::string> TensorLayout::validate(const std::vector<std::int64_t
   for (std::size_t d = 0; d < shape.size(); ++d) {
     if (shape[d] < 0) return "negative dimension in shape";
     if (stride[d] < 0) return "negative stride";
-    if (__builtin_mul_overflow(numel, static_cast<std::uint64_t>(shape[d]), &numel) || numel > kLimit) {
+    if (__builtin_mul_overflow(numel, static_cast<std::uint64_t>(shape[d]), &numel) ||
+        numel > kLimit) {
       return "shape is too large (element count overflows)";
     }
   }
   std::uint64_t bytes = 0;
-  if (__builtin_mul_overflow(numel, std::uint64_t{itemsize}, &bytes) || bytes > kLimit) return "tensor is too large";
+  if (__builtin_mul_overflow(numel, std::uint64_t{itemsize}, &bytes) || bytes > kLimit)
+    return "tensor is too large";
   if (numel == 0) return std::nullopt;  // an empty tensor touches no storage byte
   std::uint64_t last = static_cast<std::uint64_t>(storage_offset);
   for (std::size_t d = 0; d < shape.size(); ++d) {
     std::uint64_t reach = 0;
-    if (__builtin_mul_overflow(static_cast<std::uint64_t>(shape[d] - 1), static_cast<std::uint64_t>(stride[d]), &reach) ||
+    if (__builtin_mul_overflow(static_cast<std::uint64_t>(shape[d] - 1),
+                               static_cast<std::uint64_t>(stride[d]), &reach) ||
         __builtin_add_overflow(last, reach, &last) || last > kLimit) {
       return "strides reach too far (offset overflows)";
     }
   }
   std::uint64_t end_byte = 0;
-  if (__builtin_mul_overflow(last + 1, std::uint64_t{itemsize}, &end_byte)) return "strides reach too far (offset overflows)";
+  if (__builtin_mul_overflow(last + 1, std::uint64_t{itemsize}, &end_byte))
+    return "strides reach too far (offset overflows)";
   if (end_byte > storage_nbytes) {
-    return fmt::format("view needs {} bytes of its storage, which holds only {}", end_byte, storage_nbytes);
+    return fmt::format("view needs {} bytes of its storage, which holds only {}", end_byte,
+                       storage_nbytes);
   }
   return std::nullopt;
 }
@@ -58,7 +63,8 @@ TensorLayout::TensorLayout(const std::vector<std::int64_t>& shape,
   std::vector<Dim> dims;
   for (std::size_t d = 0; d < shape.size(); ++d) {
     if (shape[d] != 1) {
-      dims.push_back({static_cast<std::uint64_t>(shape[d]), static_cast<std::uint64_t>(stride[d]) * itemsize});
+      dims.push_back(
+          {static_cast<std::uint64_t>(shape[d]), static_cast<std::uint64_t>(stride[d]) * itemsize});
     }
   }
   run_bytes_ = itemsize;
@@ -79,8 +85,9 @@ TensorLayout::TensorLayout(const std::vector<std::int64_t>& shape,
   dims_ = std::move(merged);
 }
 
-void TensorLayout::for_each_run(std::uint64_t offset, std::uint64_t length,
-                                const std::function<void(std::uint64_t, std::uint64_t)>& run) const {
+void TensorLayout::for_each_run(
+    std::uint64_t offset, std::uint64_t length,
+    const std::function<void(std::uint64_t, std::uint64_t)>& run) const {
   if (length == 0) return;
   if (dims_.empty()) {
     run(base_ + offset, length);

@@ -11,7 +11,8 @@
 
 namespace ckptfs {
 
-void TensorReader::gather(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const {
+void TensorReader::gather(const TensorInfo& t, std::uint64_t offset,
+                          std::span<std::byte> dst) const {
   const std::uint64_t base = catalog_.storages()[t.storage].offset;
   std::size_t done = 0;
   // Strided views are many short runs, mostly inside one block: keep that block pinned and
@@ -34,7 +35,8 @@ void TensorReader::gather(const TensorInfo& t, std::uint64_t offset, std::span<s
 }
 
 void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const {
-  if (!t.error.empty() || !t.layout) throw FormatError(t.error.empty() ? "tensor has no data" : t.error);
+  if (!t.error.empty() || !t.layout)
+    throw FormatError(t.error.empty() ? "tensor has no data" : t.error);
   if (offset > t.nbytes || dst.size() > t.nbytes - offset) {
     throw FormatError(fmt::format("read past the end of tensor '{}'", t.path));
   }
@@ -46,11 +48,14 @@ void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std
   // Swap whole elements: widen the range to element boundaries, then copy the asked part.
   const std::uint64_t first = offset - offset % t.dtype.itemsize;
   const std::uint64_t end = offset + dst.size();
-  const std::uint64_t last = std::min<std::uint64_t>(t.nbytes, (end + t.dtype.itemsize - 1) / t.dtype.itemsize * t.dtype.itemsize);
+  const std::uint64_t last = std::min<std::uint64_t>(
+      t.nbytes, (end + t.dtype.itemsize - 1) / t.dtype.itemsize * t.dtype.itemsize);
   thread_local std::vector<std::byte> scratch;
   scratch.resize(static_cast<std::size_t>(last - first));
   gather(t, first, scratch);
-  for (std::size_t i = 0; i + unit <= scratch.size(); i += unit) std::reverse(scratch.begin() + static_cast<std::ptrdiff_t>(i), scratch.begin() + static_cast<std::ptrdiff_t>(i + unit));
+  for (std::size_t i = 0; i + unit <= scratch.size(); i += unit)
+    std::reverse(scratch.begin() + static_cast<std::ptrdiff_t>(i),
+                 scratch.begin() + static_cast<std::ptrdiff_t>(i + unit));
   std::memcpy(dst.data(), scratch.data() + (offset - first), dst.size());
 }
 

@@ -12,7 +12,8 @@ namespace ckptfs {
 
 class TensorReader {
  public:
-  TensorReader(const TensorCatalog& catalog, BlockCache& cache) : catalog_(catalog), cache_(cache) {}
+  TensorReader(const TensorCatalog& catalog, BlockCache& cache)
+      : catalog_(catalog), cache_(cache) {}
 
   // Fills |dst| with bytes [offset, offset + dst.size()) of |t|'s file, which must lie within
   // t.nbytes. Throws FormatError for a tensor with an error, IoError if the source fails.

@@ -41,10 +41,10 @@ zip_int64_t source_callback(void* userdata, void* data, zip_uint64_t len, zip_so
       return 0;
     case ZIP_SOURCE_READ: {
       std::uint64_t size = ctx->source->size();
-      std::uint64_t n = ctx->position >= size ? 0 : std::min<std::uint64_t>(len, size - ctx->position);
+      std::uint64_t n =
+          ctx->position >= size ? 0 : std::min<std::uint64_t>(len, size - ctx->position);
       try {
-        ctx->source->read_at(ctx->position,
-                             std::span<std::byte>(static_cast<std::byte*>(data), n));
+        ctx->source->read_at(ctx->position, std::span<std::byte>(static_cast<std::byte*>(data), n));
       } catch (const IoError& e) {
         zip_error_set(&ctx->error, ZIP_ER_READ, e.error_number());
         return -1;
@@ -76,17 +76,18 @@ zip_int64_t source_callback(void* userdata, void* data, zip_uint64_t len, zip_so
     case ZIP_SOURCE_TELL:
       return static_cast<zip_int64_t>(ctx->position);
     case ZIP_SOURCE_SUPPORTS:
-      return zip_source_make_command_bitmap(ZIP_SOURCE_OPEN, ZIP_SOURCE_READ, ZIP_SOURCE_CLOSE,
-                                            ZIP_SOURCE_STAT, ZIP_SOURCE_ERROR, ZIP_SOURCE_FREE,
-                                            ZIP_SOURCE_SEEK, ZIP_SOURCE_TELL, ZIP_SOURCE_SUPPORTS,
-                                            -1);
+      return zip_source_make_command_bitmap(
+          ZIP_SOURCE_OPEN, ZIP_SOURCE_READ, ZIP_SOURCE_CLOSE, ZIP_SOURCE_STAT, ZIP_SOURCE_ERROR,
+          ZIP_SOURCE_FREE, ZIP_SOURCE_SEEK, ZIP_SOURCE_TELL, ZIP_SOURCE_SUPPORTS, -1);
     default:
       zip_error_set(&ctx->error, ZIP_ER_OPNOTSUPP, 0);
       return -1;
   }
 }
 
-std::string libzip_message(zip_error_t* error) { return zip_error_strerror(error); }
+std::string libzip_message(zip_error_t* error) {
+  return zip_error_strerror(error);
+}
 
 }  // namespace
 
@@ -184,7 +185,8 @@ void ZipDirectory::walk_central_directory() {
     throw FormatError("zip central directory lies outside the file");
   }
   if (count > kMaxEntries || count * kCentralHeaderSize > cd_size) {
-    throw FormatError(fmt::format("zip declares {} entries, more than its directory can hold", count));
+    throw FormatError(
+        fmt::format("zip declares {} entries, more than its directory can hold", count));
   }
   std::vector<std::byte> cd(cd_size);
   source_.read_at(cd_offset, cd);
@@ -272,10 +274,11 @@ std::uint64_t ZipDirectory::data_offset(const ZipEntry& entry) const {
     throw FormatError(fmt::format("zip entry '{}' has a corrupt local header", entry.name));
   }
   std::uint64_t data = entry.local_header_offset + kLocalHeaderSize +
-                       load_le<std::uint16_t>(h.data() + 26) + load_le<std::uint16_t>(h.data() + 28);
+                       load_le<std::uint16_t>(h.data() + 26) +
+                       load_le<std::uint16_t>(h.data() + 28);
   if (data > file_size || entry.compressed_size > file_size - data) {
-    throw FormatError(fmt::format("zip entry '{}' runs past the end of the file (truncated?)",
-                                  entry.name));
+    throw FormatError(
+        fmt::format("zip entry '{}' runs past the end of the file (truncated?)", entry.name));
   }
   return data;
 }
@@ -294,8 +297,8 @@ std::string ZipDirectory::read_entry(const ZipEntry& entry, std::uint64_t max_by
   zip_int64_t index = zip_name_locate(libzip_->archive, entry.name.c_str(), ZIP_FL_ENC_RAW);
   zip_file_t* f = index < 0 ? nullptr : zip_fopen_index(libzip_->archive, index, 0);
   if (f == nullptr) {
-    throw FormatError(fmt::format("cannot open zip entry '{}': {}", entry.name,
-                                  zip_strerror(libzip_->archive)));
+    throw FormatError(
+        fmt::format("cannot open zip entry '{}': {}", entry.name, zip_strerror(libzip_->archive)));
   }
   std::uint64_t done = 0;
   while (done < out.size()) {

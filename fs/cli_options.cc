@@ -33,14 +33,19 @@ Unmount with `fusermount3 -u MOUNTPOINT`, or stop the daemon with SIGINT/SIGTERM
 CliParse parse_cli(int argc, char** argv) {
   enum { kLimitMb = 1000 };
   static const option kLong[] = {
-      {"limit-mb", required_argument, nullptr, kLimitMb}, {"foreground", no_argument, nullptr, 'f'},
-      {"debug", no_argument, nullptr, 'd'},               {"help", no_argument, nullptr, 'h'},
-      {"version", no_argument, nullptr, 'V'},             {nullptr, 0, nullptr, 0},
+      {"limit-mb", required_argument, nullptr, kLimitMb},
+      {"foreground", no_argument, nullptr, 'f'},
+      {"debug", no_argument, nullptr, 'd'},
+      {"help", no_argument, nullptr, 'h'},
+      {"version", no_argument, nullptr, 'V'},
+      {nullptr, 0, nullptr, 0},
   };
   CliOptions opts;
   optind = 1;
   opterr = 0;
   int c;
+  // getopt_long runs once at start-up, before any thread exists.
+  // NOLINTNEXTLINE(concurrency-mt-unsafe)
   while ((c = getopt_long(argc, argv, ":fdo:hV", kLong, nullptr)) != -1) {
     switch (c) {
       case kLimitMb: {
@@ -48,7 +53,10 @@ CliParse parse_cli(int argc, char** argv) {
         std::uint64_t n = 0;
         auto r = std::from_chars(v.data(), v.data() + v.size(), n);
         if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n < 8 || n > (1u << 24)) {
-          std::fprintf(stderr, "ckptfs: --limit-mb needs a whole number of MiB from 8 to 16777216, not '%s'\n", optarg);
+          std::fprintf(
+              stderr,
+              "ckptfs: --limit-mb needs a whole number of MiB from 8 to 16777216, not '%s'\n",
+              optarg);
           return {std::nullopt, 2};
         }
         opts.limit_mb = n;
@@ -71,7 +79,8 @@ CliParse parse_cli(int argc, char** argv) {
         std::printf("ckptfs %s\n", kCkptfsVersion);
         return {std::nullopt, 0};
       case ':':
-        std::fprintf(stderr, "ckptfs: option '%s' needs a value (see ckptfs --help)\n", argv[optind - 1]);
+        std::fprintf(stderr, "ckptfs: option '%s' needs a value (see ckptfs --help)\n",
+                     argv[optind - 1]);
         return {std::nullopt, 2};
       default:
         std::fprintf(stderr, "ckptfs: unknown option '%s' (see ckptfs --help)\n", argv[optind - 1]);

@@ -22,7 +22,9 @@ namespace {
 constexpr double kForever = 365.0 * 24 * 3600;
 constexpr std::uint64_t kMaxLoggedErrors = 50;
 
-MountState& state_of(fuse_req_t req) { return *static_cast<MountState*>(fuse_req_userdata(req)); }
+MountState& state_of(fuse_req_t req) {
+  return *static_cast<MountState*>(fuse_req_userdata(req));
+}
 
 // Inode numbers are catalog node indices plus one (FUSE_ROOT_ID is 1 = the root node 0).
 bool node_of(const MountState& s, fuse_ino_t ino, NodeIndex& out) {
@@ -33,7 +35,8 @@ bool node_of(const MountState& s, fuse_ino_t ino, NodeIndex& out) {
 
 void log_error(MountState& s, const std::string& what) {
   ++s.read_errors;
-  if (s.logged_errors.fetch_add(1) < kMaxLoggedErrors) std::fprintf(stderr, "ckptfs: %s\n", what.c_str());
+  if (s.logged_errors.fetch_add(1) < kMaxLoggedErrors)
+    std::fprintf(stderr, "ckptfs: %s\n", what.c_str());
 }
 
 struct stat make_stat(const MountState& s, NodeIndex i) {
@@ -142,7 +145,9 @@ void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plu
   std::size_t used = 0;
   const auto total = static_cast<off_t>(d.children.size() + 2);
   for (off_t pos = off; pos < total; ++pos) {
-    NodeIndex target = pos == 0 ? dir : pos == 1 ? (d.parent == kNoNode ? dir : d.parent) : d.children[static_cast<std::size_t>(pos - 2)];
+    NodeIndex target = pos == 0   ? dir
+                       : pos == 1 ? (d.parent == kNoNode ? dir : d.parent)
+                                  : d.children[static_cast<std::size_t>(pos - 2)];
     const char* name = pos == 0 ? "." : pos == 1 ? ".." : s.catalog.node(target).name.c_str();
     struct stat st = make_stat(s, target);
     std::size_t need;
@@ -190,7 +195,8 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   }
   // A tensor that cannot be served fails loudly at open: never an empty or partial file.
   if (n.kind == NodeKind::TensorData && !s.catalog.tensors()[n.tensor].error.empty()) {
-    log_error(s, fmt::format("open of '{}': {}", s.catalog.relative_path(i), s.catalog.tensors()[n.tensor].error));
+    log_error(s, fmt::format("open of '{}': {}", s.catalog.relative_path(i),
+                             s.catalog.tensors()[n.tensor].error));
     fuse_reply_err(req, EIO);
     return;
   }
@@ -211,15 +217,16 @@ void account_reply(MountState& s, fuse_ino_t ino, std::uint64_t offset, std::siz
   if (s.ledger.record(ino, offset, length) && s.invalidator != nullptr) s.invalidator->wake();
 }
 
-void reply_slice(MountState& s, fuse_req_t req, fuse_ino_t ino, std::string_view content, size_t size, off_t off,
-                 bool cached = true) {
+void reply_slice(MountState& s, fuse_req_t req, fuse_ino_t ino, std::string_view content,
+                 size_t size, off_t off, bool cached = true) {
   auto start = static_cast<std::size_t>(off);
   if (start >= content.size()) {
     fuse_reply_buf(req, nullptr, 0);
     return;
   }
   std::size_t len = std::min(size, content.size() - start);
-  if (fuse_reply_buf(req, content.data() + start, len) == 0 && cached) account_reply(s, ino, start, len);
+  if (fuse_reply_buf(req, content.data() + start, len) == 0 && cached)
+    account_reply(s, ino, start, len);
 }
 
 void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
@@ -249,7 +256,8 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
         thread_local std::vector<std::byte> buffer;
         if (buffer.size() < len) buffer.resize(len);
         s.reader.read(t, start, std::span(buffer.data(), len));
-        if (fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len) == 0) account_reply(s, ino, start, len);
+        if (fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len) == 0)
+          account_reply(s, ino, start, len);
         return;
       }
       case NodeKind::TensorSidecar:
@@ -326,10 +334,11 @@ std::string render_stats(const MountState& state) {
       "  \"bytes_read_from_checkpoint\": {},\n  \"checkpoint_cache_mode\": \"{}\",\n"
       "  \"checkpoint_read_errors\": {},\n  \"read_errors\": {},\n"
       "  \"tensors\": {},\n  \"storages\": {}\n}}\n",
-      state.limit_bytes, c.limit_bytes, state.ledger.budget(), c.resident_bytes, kernel, c.resident_bytes + kernel,
-      c.block_size, c.blocks, c.hits + c.misses, c.hits, c.misses, c.evictions, invalidations, invalidated,
-      c.bytes_read, state.source.cache_mode(), c.read_errors, state.read_errors.load(),
-      state.catalog.tensors().size(), state.catalog.storages().size());
+      state.limit_bytes, c.limit_bytes, state.ledger.budget(), c.resident_bytes, kernel,
+      c.resident_bytes + kernel, c.block_size, c.blocks, c.hits + c.misses, c.hits, c.misses,
+      c.evictions, invalidations, invalidated, c.bytes_read, state.source.cache_mode(),
+      c.read_errors, state.read_errors.load(), state.catalog.tensors().size(),
+      state.catalog.storages().size());
 }
 
 }  // namespace ckptfs

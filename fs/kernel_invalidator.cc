@@ -4,7 +4,9 @@
 
 namespace ckptfs {
 
-void KernelInvalidator::start() { thread_ = std::thread([this] { run(); }); }
+void KernelInvalidator::start() {
+  thread_ = std::thread([this] { run(); });
+}
 
 void KernelInvalidator::stop() {
   {

@@ -22,7 +22,8 @@ namespace ckptfs {
 
 class KernelInvalidator {
  public:
-  KernelInvalidator(fuse_session* session, KernelPageLedger& ledger) : session_(session), ledger_(ledger) {}
+  KernelInvalidator(fuse_session* session, KernelPageLedger& ledger)
+      : session_(session), ledger_(ledger) {}
   ~KernelInvalidator() { stop(); }
   KernelInvalidator(const KernelInvalidator&) = delete;
   KernelInvalidator& operator=(const KernelInvalidator&) = delete;

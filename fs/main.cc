@@ -80,7 +80,8 @@ int run(const CliOptions& opts) {
     std::fprintf(stderr, "ckptfs: %s: %s\n", opts.checkpoint.c_str(), e.what());
     return 1;
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "ckptfs: %s: out of memory while reading the checkpoint\n", opts.checkpoint.c_str());
+    std::fprintf(stderr, "ckptfs: %s: out of memory while reading the checkpoint\n",
+                 opts.checkpoint.c_str());
     return 1;
   }
   const auto& warnings = catalog.warnings();
@@ -94,7 +95,8 @@ int run(const CliOptions& opts) {
 
   struct stat mst {};
   if (::stat(opts.mountpoint.c_str(), &mst) != 0) {
-    std::fprintf(stderr, "ckptfs: mountpoint '%s': %s\n", opts.mountpoint.c_str(), std::strerror(errno));
+    std::fprintf(stderr, "ckptfs: mountpoint '%s': %s\n", opts.mountpoint.c_str(),
+                 errno_text(errno).c_str());
     return 1;
   }
   if (!S_ISDIR(mst.st_mode)) {
@@ -122,7 +124,8 @@ int run(const CliOptions& opts) {
   state.uid = ::getuid();
   state.gid = ::getgid();
 
-  std::vector<std::string> args = {"ckptfs", "-o", "ro,subtype=ckptfs,fsname=" + fsname_for(opts.checkpoint)};
+  std::vector<std::string> args = {"ckptfs", "-o",
+                                   "ro,subtype=ckptfs,fsname=" + fsname_for(opts.checkpoint)};
   for (const auto& o : opts.fuse_options) {
     args.push_back("-o");
     args.push_back(o);
@@ -130,7 +133,8 @@ int run(const CliOptions& opts) {
   if (opts.debug) args.push_back("-d");
   FuseArgs fargs(std::move(args));
 
-  SessionPtr se(fuse_session_new(&fargs.args, &fuse_operations(), sizeof(fuse_lowlevel_ops), &state));
+  SessionPtr se(
+      fuse_session_new(&fargs.args, &fuse_operations(), sizeof(fuse_lowlevel_ops), &state));
   if (!se) {
     std::fprintf(stderr, "ckptfs: could not start a FUSE session (bad -o option?)\n");
     return 1;
@@ -145,8 +149,10 @@ int run(const CliOptions& opts) {
   state.invalidator = &invalidator;
   if (fuse_session_mount(se.get(), opts.mountpoint.c_str()) != 0) {
     fuse_remove_signal_handlers(se.get());
-    std::fprintf(stderr, "ckptfs: could not mount on '%s' (is /dev/fuse available and fusermount3 installed?)\n",
-                 opts.mountpoint.c_str());
+    std::fprintf(
+        stderr,
+        "ckptfs: could not mount on '%s' (is /dev/fuse available and fusermount3 installed?)\n",
+        opts.mountpoint.c_str());
     return 1;
   }
   MountGuard guard(se.get());

@@ -1,13 +1,13 @@
-#include <catch2/catch.hpp>
+#include "block_cache.h"
 
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
 
-#include "block_cache.h"
 #include "errors.h"
 
 using namespace ckptfs;

@@ -1,6 +1,6 @@
-#include <catch2/catch.hpp>
-
 #include "kernel_page_ledger.h"
+
+#include <catch2/catch.hpp>
 
 using namespace ckptfs;
 
@@ -26,7 +26,7 @@ TEST_CASE("served pages are counted once, whatever the overlap") {
 TEST_CASE("over budget: the least recently served chunks go, merged per inode") {
   KernelPageLedger l(4 * kChunk);
   for (std::uint64_t c = 0; c < 4; ++c) CHECK_FALSE(l.record(7, c * kChunk, kChunk));
-  l.record(7, 0, kChunk);  // chunk 0 is now the most recent
+  l.record(7, 0, kChunk);         // chunk 0 is now the most recent
   CHECK(l.record(9, 0, kChunk));  // 5 chunks > budget
   auto ranges = l.take_excess();
   // Down to budget minus a batch (one chunk here): chunks 1 and 2 of inode 7, merged.

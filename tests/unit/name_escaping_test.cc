@@ -1,8 +1,7 @@
-#include <catch2/catch.hpp>
-
-#include <set>
-
 #include "name_escaping.h"
+
+#include <catch2/catch.hpp>
+#include <set>
 
 using namespace ckptfs;
 
@@ -37,5 +36,6 @@ TEST_CASE("long names are shortened with a hash, stay valid UTF-8 and distinct")
   REQUIRE(tilde != std::string::npos);
   std::string head = n.substr(0, tilde);
   // The cut never splits a UTF-8 sequence or a %XX escape.
-  CHECK((head.size() >= 3 && (head.compare(head.size() - 3, 3, "%2F") == 0 || head.compare(head.size() - 3, 3, "\xe2\x98\x83") == 0)));
+  CHECK((head.size() >= 3 && (head.compare(head.size() - 3, 3, "%2F") == 0 ||
+                              head.compare(head.size() - 3, 3, "\xe2\x98\x83") == 0)));
 }

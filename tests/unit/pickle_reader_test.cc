@@ -1,13 +1,13 @@
 // Pickle reader tests. The inputs were produced by CPython 3.11's pickle.dumps (the expression
 // is above each one); the expectations follow from Python's semantics, not from this reader.
-#include <catch2/catch.hpp>
+#include "pickle_reader.h"
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <random>
 #include <string>
 
 #include "errors.h"
-#include "pickle_reader.h"
 
 using namespace ckptfs;
 
@@ -15,42 +15,71 @@ namespace {
 
 std::string unhex(std::string_view hex) {
   std::string out;
-  for (std::size_t i = 0; i + 1 < hex.size(); i += 2) out.push_back(static_cast<char>(std::stoi(std::string(hex.substr(i, 2)), nullptr, 16)));
+  for (std::size_t i = 0; i + 1 < hex.size(); i += 2)
+    out.push_back(static_cast<char>(std::stoi(std::string(hex.substr(i, 2)), nullptr, 16)));
   return out;
 }
 
 // pickle.dumps({'a': [1, 2.5, 'x', None, True], 'b': (1, 2, 3)}, protocol=0)
-const std::string kBasicP0 = unhex("286470300a56610a70310a286c70320a49310a6146322e350a6156780a70330a614e614930310a617356620a70340a2849310a49320a49330a7470350a732e");
+const std::string kBasicP0 = unhex(
+    "286470300a56610a70310a286c70320a49310a6146322e350a6156780a70330a614e614930310a617356620a70340a"
+    "2849310a49320a49330a7470350a732e");
 // pickle.dumps({'a': [1, 2.5, 'x', None, True], 'b': (1, 2, 3)}, protocol=1)
-const std::string kBasicP1 = unhex("7d71002858010000006171015d7102284b0147400400000000000058010000007871034e4930310a655801000000627104284b014b024b03747105752e");
+const std::string kBasicP1 = unhex(
+    "7d71002858010000006171015d7102284b0147400400000000000058010000007871034e4930310a65580100000062"
+    "7104284b014b024b03747105752e");
 // pickle.dumps({'a': [1, 2.5, 'x', None, True], 'b': (1, 2, 3)}, protocol=2)
-const std::string kBasicP2 = unhex("80027d71002858010000006171015d7102284b0147400400000000000058010000007871034e886558010000006271044b014b024b03877105752e");
+const std::string kBasicP2 = unhex(
+    "80027d71002858010000006171015d7102284b0147400400000000000058010000007871034e886558010000006271"
+    "044b014b024b03877105752e");
 // pickle.dumps({'a': [1, 2.5, 'x', None, True], 'b': (1, 2, 3)}, protocol=3)
-const std::string kBasicP3 = unhex("80037d71002858010000006171015d7102284b0147400400000000000058010000007871034e886558010000006271044b014b024b03877105752e");
+const std::string kBasicP3 = unhex(
+    "80037d71002858010000006171015d7102284b0147400400000000000058010000007871034e886558010000006271"
+    "044b014b024b03877105752e");
 // pickle.dumps({'a': [1, 2.5, 'x', None, True], 'b': (1, 2, 3)}, protocol=4)
-const std::string kBasicP4 = unhex("8004952a000000000000007d94288c0161945d94284b014740040000000000008c0178944e88658c0162944b014b024b038794752e");
+const std::string kBasicP4 = unhex(
+    "8004952a000000000000007d94288c0161945d94284b014740040000000000008c0178944e88658c0162944b014b02"
+    "4b038794752e");
 // pickle.dumps({'a': [1, 2.5, 'x', None, True], 'b': (1, 2, 3)}, protocol=5)
-const std::string kBasicP5 = unhex("8005952a000000000000007d94288c0161945d94284b014740040000000000008c0178944e88658c0162944b014b024b038794752e");
+const std::string kBasicP5 = unhex(
+    "8005952a000000000000007d94288c0161945d94284b014740040000000000008c0178944e88658c0162944b014b02"
+    "4b038794752e");
 // x = [1]; pickle.dumps([x, x], protocol=2)
 const std::string kMemoShared = unhex("80025d7100285d71014b01616801652e");
-// pickle.dumps([0, 255, 256, 65535, 65536, -1, 2147483648, 9223372036854775807, -9223372036854775808, 1180591620717411303424, -1180591620717411303424], protocol=0)
-const std::string kIntsP0 = unhex("286c70300a49300a61493235350a61493235360a614936353533350a614936353533360a61492d310a614c323134373438333634384c0a614c393232333337323033363835343737353830374c0a614c2d393232333337323033363835343737353830384c0a614c313138303539313632303731373431313330333432344c0a614c2d313138303539313632303731373431313330333432344c0a612e");
-// pickle.dumps([0, 255, 256, 65535, 65536, -1, 2147483648, 9223372036854775807, -9223372036854775808, 1180591620717411303424, -1180591620717411303424], protocol=2)
-const std::string kIntsP2 = unhex("80025d7100284b004bff4d00014dffff4a000001004affffffff8a0500000080008a08ffffffffffffff7f8a0800000000000000808a090000000000000000408a090000000000000000c0652e");
+// pickle.dumps([0, 255, 256, 65535, 65536, -1, 2147483648, 9223372036854775807,
+// -9223372036854775808, 1180591620717411303424, -1180591620717411303424], protocol=0)
+const std::string kIntsP0 = unhex(
+    "286c70300a49300a61493235350a61493235360a614936353533350a614936353533360a61492d310a614c32313437"
+    "3438333634384c0a614c393232333337323033363835343737353830374c0a614c2d39323233333732303336383534"
+    "3737353830384c0a614c313138303539313632303731373431313330333432344c0a614c2d31313830353931363230"
+    "3731373431313330333432344c0a612e");
+// pickle.dumps([0, 255, 256, 65535, 65536, -1, 2147483648, 9223372036854775807,
+// -9223372036854775808, 1180591620717411303424, -1180591620717411303424], protocol=2)
+const std::string kIntsP2 = unhex(
+    "80025d7100284b004bff4d00014dffff4a000001004affffffff8a0500000080008a08ffffffffffffff7f8a080000"
+    "0000000000808a090000000000000000408a090000000000000000c0652e");
 // pickle.dumps(b'\x00\x80\xff', protocol=2)
-const std::string kBytesP2 = unhex("8002635f636f646563730a656e636f64650a7100580500000000c280c3bf710158060000006c6174696e3171028671035271042e");
+const std::string kBytesP2 = unhex(
+    "8002635f636f646563730a656e636f64650a7100580500000000c280c3bf710158060000006c6174696e3171028671"
+    "035271042e");
 // pickle.dumps(b'\x00\x80\xff', protocol=3)
 const std::string kBytesP3 = unhex("800343030080ff71002e");
 // pickle.dumps(collections.OrderedDict([('k', 1), ('j', 2)]), protocol=2)
-const std::string kOrderedDictP2 = unhex("800263636f6c6c656374696f6e730a4f726465726564446963740a7100295271012858010000006b71024b0158010000006a71034b02752e");
+const std::string kOrderedDictP2 = unhex(
+    "800263636f6c6c656374696f6e730a4f726465726564446963740a7100295271012858010000006b71024b01580100"
+    "00006a71034b02752e");
 // pickle.dumps(Evil(), protocol=2)  # __reduce__ -> (os.system, ('echo pwned',))
-const std::string kEvilP2 = unhex("800263706f7369780a73797374656d0a7100580a0000006563686f2070776e656471018571025271032e");
+const std::string kEvilP2 =
+    unhex("800263706f7369780a73797374656d0a7100580a0000006563686f2070776e656471018571025271032e");
 // pickle.dumps(Evil(), protocol=4)
-const std::string kEvilP4 = unhex("80049525000000000000008c05706f736978948c0673797374656d9493948c0a6563686f2070776e656494859452942e");
+const std::string kEvilP4 = unhex(
+    "80049525000000000000008c05706f736978948c0673797374656d9493948c0a6563686f2070776e65649485945294"
+    "2e");
 // pickle.dumps([{1, 2}, frozenset([3])], protocol=4)
 const std::string kSetsP4 = unhex("80049512000000000000005d94288f94284b014b0290284b039194652e");
 // pickle.dumps({7}, protocol=2)
-const std::string kSetP2 = unhex("8002635f5f6275696c74696e5f5f0a7365740a71005d71014b07618571025271032e");
+const std::string kSetP2 =
+    unhex("8002635f5f6275696c74696e5f5f0a7365740a71005d71014b07618571025271032e");
 // pickle.dumps('h\u00e9llo \u2603 \U0001F600', protocol=0)
 const std::string kUnicodeP0 = unhex("5668e96c6c6f205c7532363033205c5530303031663630300a70300a2e");
 // l = []; l.append(l); pickle.dumps(l, protocol=2)
@@ -84,7 +113,8 @@ ValueId dict_get(const Parsed& p, ValueId dict, std::string_view k) {
 }  // namespace
 
 TEST_CASE("every protocol decodes the same nested containers") {
-  for (const std::string* bytes : {&kBasicP0, &kBasicP1, &kBasicP2, &kBasicP3, &kBasicP4, &kBasicP5}) {
+  for (const std::string* bytes :
+       {&kBasicP0, &kBasicP1, &kBasicP2, &kBasicP3, &kBasicP4, &kBasicP5}) {
     Parsed p = parse(*bytes);
     REQUIRE(p.root_value().kind == ValueKind::Dict);
     ValueId a = dict_get(p, p.root, "a");
@@ -117,7 +147,8 @@ TEST_CASE("integers of every width, including beyond int64") {
     Parsed p = parse(*bytes);
     const auto& v = p.root_value().items;
     REQUIRE(v.size() == 11);
-    const std::int64_t small[] = {0, 255, 256, 65535, 65536, -1, 2147483648LL, INT64_MAX, INT64_MIN};
+    const std::int64_t small[] = {0,  255,          256,       65535,    65536,
+                                  -1, 2147483648LL, INT64_MAX, INT64_MIN};
     for (std::size_t i = 0; i < 9; ++i) {
       REQUIRE(p[v[i]].kind == ValueKind::Int);
       CHECK(p[v[i]].integer == small[i]);
@@ -183,7 +214,8 @@ TEST_CASE("a list that contains itself") {
 }
 
 TEST_CASE("every truncation of a valid pickle is a FormatError") {
-  for (const std::string* bytes : {&kBasicP0, &kBasicP2, &kBasicP4, &kIntsP2, &kEvilP4, &kUnicodeP0}) {
+  for (const std::string* bytes :
+       {&kBasicP0, &kBasicP2, &kBasicP4, &kIntsP2, &kEvilP4, &kUnicodeP0}) {
     for (std::size_t n = 0; n < bytes->size(); ++n) {
       std::string cut = bytes->substr(0, n);
       CHECK_THROWS_AS(parse(cut), FormatError);
@@ -192,17 +224,23 @@ TEST_CASE("every truncation of a valid pickle is a FormatError") {
 }
 
 TEST_CASE("hostile and malformed opcodes are refused") {
-  CHECK_THROWS_AS(parse(std::string("\x80\x06N.", 4)), FormatError);               // protocol 6
-  CHECK_THROWS_AS(parse(std::string("\x82\x01.", 3)), FormatError);                // EXT1
-  CHECK_THROWS_AS(parse(std::string("\x97.", 2)), FormatError);                    // NEXT_BUFFER
-  CHECK_THROWS_AS(parse(std::string("h\x05.", 3)), FormatError);                   // GET of nothing
-  CHECK_THROWS_AS(parse(std::string("X\xff\xff\xff\x7f" "abc.", 9)), FormatError);  // 2 GiB string
+  CHECK_THROWS_AS(parse(std::string("\x80\x06N.", 4)), FormatError);  // protocol 6
+  CHECK_THROWS_AS(parse(std::string("\x82\x01.", 3)), FormatError);   // EXT1
+  CHECK_THROWS_AS(parse(std::string("\x97.", 2)), FormatError);       // NEXT_BUFFER
+  CHECK_THROWS_AS(parse(std::string("h\x05.", 3)), FormatError);      // GET of nothing
+  CHECK_THROWS_AS(parse(std::string("X\xff\xff\xff\x7f"
+                                    "abc.",
+                                    9)),
+                  FormatError);  // 2 GiB string
   CHECK_THROWS_AS(parse(std::string("\x8d\xff\xff\xff\xff\xff\xff\xff\xff.", 10)), FormatError);
-  CHECK_THROWS_AS(parse(std::string("0.", 2)), FormatError);                       // POP of empty
-  CHECK_THROWS_AS(parse(std::string("e.", 2)), FormatError);                       // APPENDS no mark
-  CHECK_THROWS_AS(parse(std::string("(K\x01" "d.", 5)), FormatError);               // DICT with odd items
-  CHECK_THROWS_AS(parse(std::string(200000, '(') + "."), FormatError);             // mark bomb
-  CHECK_THROWS_AS(parse(std::string("\xfe.", 2)), FormatError);                    // unknown opcode
+  CHECK_THROWS_AS(parse(std::string("0.", 2)), FormatError);  // POP of empty
+  CHECK_THROWS_AS(parse(std::string("e.", 2)), FormatError);  // APPENDS no mark
+  CHECK_THROWS_AS(parse(std::string("(K\x01"
+                                    "d.",
+                                    5)),
+                  FormatError);                                         // DICT with odd items
+  CHECK_THROWS_AS(parse(std::string(200000, '(') + "."), FormatError);  // mark bomb
+  CHECK_THROWS_AS(parse(std::string("\xfe.", 2)), FormatError);         // unknown opcode
 }
 
 TEST_CASE("the arena limit stops object bombs") {
@@ -216,7 +254,8 @@ TEST_CASE("the arena limit stops object bombs") {
 
 TEST_CASE("random mutations never crash: they parse or raise FormatError") {
   std::mt19937 rng(42);
-  const std::string* seeds[] = {&kBasicP2, &kBasicP4, &kIntsP0, &kOrderedDictP2, &kSetsP4, &kEvilP2, &kFloatsP0};
+  const std::string* seeds[] = {&kBasicP2, &kBasicP4, &kIntsP0,  &kOrderedDictP2,
+                                &kSetsP4,  &kEvilP2,  &kFloatsP0};
   int parsed = 0;
   int refused = 0;
   for (int iter = 0; iter < 20000; ++iter) {

@@ -1,18 +1,19 @@
 // The layout's gather is compared with a naive reference: walk every multi-index in C order
 // and read each element at storage_offset + sum(index * stride).
-#include <catch2/catch.hpp>
+#include "tensor_layout.h"
 
+#include <catch2/catch.hpp>
 #include <random>
 #include <vector>
-
-#include "tensor_layout.h"
 
 using namespace ckptfs;
 
 namespace {
 
-std::vector<std::uint8_t> reference_image(const std::vector<std::int64_t>& shape, const std::vector<std::int64_t>& stride,
-                                          std::int64_t offset, std::uint32_t itemsize, const std::vector<std::uint8_t>& storage) {
+std::vector<std::uint8_t> reference_image(const std::vector<std::int64_t>& shape,
+                                          const std::vector<std::int64_t>& stride,
+                                          std::int64_t offset, std::uint32_t itemsize,
+                                          const std::vector<std::uint8_t>& storage) {
   std::vector<std::uint8_t> out;
   std::size_t numel = 1;
   for (auto s : shape) numel *= static_cast<std::size_t>(s);
@@ -20,7 +21,8 @@ std::vector<std::uint8_t> reference_image(const std::vector<std::int64_t>& shape
   for (std::size_t n = 0; n < numel; ++n) {
     std::int64_t e = offset;
     for (std::size_t d = 0; d < shape.size(); ++d) e += idx[d] * stride[d];
-    for (std::uint32_t b = 0; b < itemsize; ++b) out.push_back(storage[static_cast<std::size_t>(e) * itemsize + b]);
+    for (std::uint32_t b = 0; b < itemsize; ++b)
+      out.push_back(storage[static_cast<std::size_t>(e) * itemsize + b]);
     for (std::size_t d = shape.size(); d-- > 0;) {
       if (++idx[d] < shape[d]) break;
       idx[d] = 0;
@@ -29,10 +31,13 @@ std::vector<std::uint8_t> reference_image(const std::vector<std::int64_t>& shape
   return out;
 }
 
-std::vector<std::uint8_t> gather(const TensorLayout& layout, const std::vector<std::uint8_t>& storage, std::uint64_t off, std::uint64_t len) {
+std::vector<std::uint8_t> gather(const TensorLayout& layout,
+                                 const std::vector<std::uint8_t>& storage, std::uint64_t off,
+                                 std::uint64_t len) {
   std::vector<std::uint8_t> out;
   layout.for_each_run(off, len, [&](std::uint64_t pos, std::uint64_t n) {
-    out.insert(out.end(), storage.begin() + static_cast<std::ptrdiff_t>(pos), storage.begin() + static_cast<std::ptrdiff_t>(pos + n));
+    out.insert(out.end(), storage.begin() + static_cast<std::ptrdiff_t>(pos),
+               storage.begin() + static_cast<std::ptrdiff_t>(pos + n));
   });
   return out;
 }
@@ -68,7 +73,9 @@ TEST_CASE("random views gather exactly the reference bytes, for every sub-range"
     for (int k = 0; k < 5 && !want.empty(); ++k) {
       std::uint64_t a = rng() % want.size();
       std::uint64_t n = rng() % (want.size() - a + 1);
-      REQUIRE(gather(layout, storage, a, n) == std::vector<std::uint8_t>(want.begin() + static_cast<std::ptrdiff_t>(a), want.begin() + static_cast<std::ptrdiff_t>(a + n)));
+      REQUIRE(gather(layout, storage, a, n) ==
+              std::vector<std::uint8_t>(want.begin() + static_cast<std::ptrdiff_t>(a),
+                                        want.begin() + static_cast<std::ptrdiff_t>(a + n)));
     }
     ++checked;
   }
@@ -79,20 +86,20 @@ TEST_CASE("contiguous views are one run; transposes are not") {
   CHECK(TensorLayout({3, 4}, {4, 1}, 2, 4).contiguous());
   CHECK(TensorLayout({1, 4, 1}, {99, 1, 7}, 0, 2).contiguous());  // size-1 dims ignore strides
   CHECK_FALSE(TensorLayout({3, 4}, {1, 3}, 0, 4).contiguous());
-  CHECK(TensorLayout({}, {}, 5, 8).nbytes() == 8);      // 0-dim: one element
+  CHECK(TensorLayout({}, {}, 5, 8).nbytes() == 8);  // 0-dim: one element
   CHECK(TensorLayout({0, 3}, {3, 1}, 0, 4).nbytes() == 0);
 }
 
 TEST_CASE("validation refuses views outside the storage and overflowing shapes") {
   CHECK_FALSE(TensorLayout::validate({3, 4}, {4, 1}, 0, 4, 48));
-  CHECK(TensorLayout::validate({3, 4}, {4, 1}, 1, 4, 48));        // one element too far
+  CHECK(TensorLayout::validate({3, 4}, {4, 1}, 1, 4, 48));  // one element too far
   CHECK(TensorLayout::validate({3, 4}, {4, 1}, 0, 4, 47));
-  CHECK(TensorLayout::validate({2, 2}, {1}, 0, 4, 100));          // rank mismatch
+  CHECK(TensorLayout::validate({2, 2}, {1}, 0, 4, 100));  // rank mismatch
   CHECK(TensorLayout::validate({-1}, {1}, 0, 4, 100));
   CHECK(TensorLayout::validate({4}, {-1}, 0, 4, 100));
   CHECK(TensorLayout::validate({4}, {1}, -1, 4, 100));
-  CHECK(TensorLayout::validate({1LL << 40, 1LL << 40}, {1, 1}, 0, 4, 100));    // numel overflow
-  CHECK(TensorLayout::validate({2}, {INT64_MAX / 2}, 0, 4, 100));              // offset overflow
-  CHECK_FALSE(TensorLayout::validate({0, 1LL << 40}, {1, 1}, 0, 4, 0));         // empty is fine
-  CHECK_FALSE(TensorLayout::validate({5, 3}, {0, 1}, 0, 2, 6));                 // expand: stride 0
+  CHECK(TensorLayout::validate({1LL << 40, 1LL << 40}, {1, 1}, 0, 4, 100));  // numel overflow
+  CHECK(TensorLayout::validate({2}, {INT64_MAX / 2}, 0, 4, 100));            // offset overflow
+  CHECK_FALSE(TensorLayout::validate({0, 1LL << 40}, {1, 1}, 0, 4, 0));      // empty is fine
+  CHECK_FALSE(TensorLayout::validate({5, 3}, {0, 1}, 0, 2, 6));              // expand: stride 0
 }

@@ -1,15 +1,16 @@
 // Zip archives are written here with libzip itself (an independent writer), then read back.
-#include <catch2/catch.hpp>
+#include "zip_directory.h"
+
 #include <unistd.h>
 #include <zip.h>
 
+#include <catch2/catch.hpp>
 #include <cstdio>
 #include <fstream>
 #include <string>
 
 #include "byte_source.h"
 #include "errors.h"
-#include "zip_directory.h"
 
 using namespace ckptfs;
 
@@ -31,7 +32,8 @@ struct TempZip {
     zip_source_t* s = zip_source_buffer(z, kept.back().data(), kept.back().size(), 0);
     zip_int64_t i = zip_file_add(z, name.c_str(), s, ZIP_FL_ENC_UTF_8);
     REQUIRE(i >= 0);
-    zip_set_file_compression(z, static_cast<zip_uint64_t>(i), compress ? ZIP_CM_DEFLATE : ZIP_CM_STORE, 0);
+    zip_set_file_compression(z, static_cast<zip_uint64_t>(i),
+                             compress ? ZIP_CM_DEFLATE : ZIP_CM_STORE, 0);
   }
   std::vector<std::string> kept;
 };
