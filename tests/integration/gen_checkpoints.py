@@ -110,6 +110,24 @@ def names():
     }
 
 
+class RebuildV1:
+    """Pickles a tensor the pre-0.4 way, as torch._utils._rebuild_tensor(storage, offset, size,
+    stride): real torch.save writes the GLOBAL and the storage's persistent id; torch.load
+    rebuilds it."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __reduce_ex__(self, proto):
+        t = self.t
+        return (torch._utils._rebuild_tensor, (t.storage(), t.storage_offset(), tuple(t.size()), t.stride()))
+
+
+def rebuild_v1():
+    x = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    return {"v1": RebuildV1(x), "v1_t": RebuildV1(x.t()), "v1_slice": RebuildV1(x[1:, 2:5]), "v2": x}
+
+
 CASES = {
     "dtypes": (dtypes, {}),
     "views": (views, {}),
@@ -120,6 +138,7 @@ CASES = {
     "root_tensor": (lambda: torch.arange(10, dtype=torch.float64).reshape(2, 5).t(), {}),
     "protocol4": (lambda: {"a": torch.randn(3, 3), "b": [torch.ones(2, dtype=torch.int8), {"c": 1.5}]},
                   {"pickle_protocol": 4}),
+    "rebuild_v1": (rebuild_v1, {}),
     "parameters": (lambda: {"p": torch.nn.Parameter(torch.randn(3, 2)), "frozen": torch.nn.Parameter(torch.randn(2), requires_grad=False)}, {}),
 }
 

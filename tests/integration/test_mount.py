@@ -85,6 +85,10 @@ class MountedCheckpointTest(unittest.TestCase):
         self.check_byte_exact("protocol4")
         self.check_byte_exact("parameters")
 
+    def test_rebuild_tensor_v1(self):
+        found = self.check_byte_exact("rebuild_v1")
+        self.assertEqual(len(found), 4)
+
     def test_root_tensor(self):
         path = self.paths["root_tensor"]
         t = torch.load(path)

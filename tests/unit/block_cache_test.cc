@@ -144,3 +144,26 @@ TEST_CASE("many threads, tiny cache: every byte right, no deadlock") {
   auto s = cache.stats();
   CHECK(s.resident_bytes <= 64u << 10 << 5);
 }
+
+TEST_CASE("one big sequential scan does not flush a block that keeps being read") {
+  MemorySource src(16u << 20);
+  BlockCache cache(src, 64u << 10 << 5, 64u << 10);  // 32 blocks
+  std::vector<std::byte> hot(100);
+  std::vector<std::byte> buf(64u << 10);
+  cache.read(0, hot);
+  cache.read(0, hot);  // read twice: it has earned its second chance
+  const int reads_before = src.reads;
+  int hot_misses = 0;
+  int step = 0;
+  for (std::uint64_t off = 1u << 20; off + buf.size() <= src.size(); off += buf.size()) {
+    cache.read(off, buf);  // a scan of 240 blocks, each read once
+    if (++step % 16 == 0) {  // the hot block is read far less often than blocks stream by
+      int before = src.reads;
+      cache.read(0, hot);
+      hot_misses += src.reads - before;
+    }
+  }
+  CHECK(hot_misses == 0);
+  CHECK(src.reads - reads_before == 240);
+  CHECK(same(src, 0, hot));
+}
