@@ -34,6 +34,28 @@ std::uint64_t logical_nbytes(const std::vector<std::int64_t>& shape, std::uint32
   return n;
 }
 
+// ('storage', type, key, location, numel[, view]) — the only persistent ids that are data.
+// Legacy whole-module pickles also persist classes as ('module', cls, file, source).
+bool is_storage_pid(const ValueArena& a, ValueId ref) {
+  if (a[ref].kind != ValueKind::PersistentRef) return false;
+  const Value& pid = a[a[ref].items[0]];
+  return pid.kind == ValueKind::Tuple && !pid.items.empty() &&
+         a[pid.items[0]].kind == ValueKind::Str && a[pid.items[0]].text == "storage";
+}
+
+// A class reference: a GLOBAL, or a legacy ('module', GLOBAL, file, source) persistent id.
+ValueId class_global(const ValueArena& a, ValueId cls) {
+  if (cls != kNoValue && a[cls].kind == ValueKind::PersistentRef) {
+    const Value& pid = a[a[cls].items[0]];
+    if (pid.kind == ValueKind::Tuple && pid.items.size() >= 2 &&
+        a[pid.items[0]].kind == ValueKind::Str && a[pid.items[0]].text == "module" &&
+        a[pid.items[1]].kind == ValueKind::Global) {
+      return pid.items[1];
+    }
+  }
+  return cls;
+}
+
 }  // namespace
 
 CatalogBuilder::CatalogBuilder(const ValueArena& arena, TensorCatalog& catalog,
@@ -174,7 +196,7 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
 
 std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId v, int depth) {
   const Value& val = arena_[v];
-  if (val.kind == ValueKind::PersistentRef) {
+  if (is_storage_pid(arena_, v)) {
     // A bare storage (torch.save(storage)): expose it whole, as a 1-D tensor of its type.
     ResolvedStorage rs = resolve_(val.items[0]);
     ParsedTensor p;
@@ -211,7 +233,7 @@ bool CatalogBuilder::contains_tensor(ValueId v, int depth) {
   if (depth > kMaxDepth)
     throw FormatError(fmt::format("objects nested deeper than {} levels", kMaxDepth));
   const Value& val = arena_[v];
-  if (val.kind == ValueKind::PersistentRef) return true;
+  if (val.kind == ValueKind::PersistentRef) return is_storage_pid(arena_, v);
   if (val.kind != ValueKind::Object && !is_container(v)) return false;
   auto [it, inserted] = has_tensor_.emplace(v, -1);
   if (!inserted) return it->second == 1;  // -1: a cycle back to an ancestor adds nothing
@@ -298,7 +320,7 @@ std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) const 
       for (std::size_t i = 0; i < val.items.size(); ++i) out.push_back({number(i), val.items[i]});
       break;
     case ValueKind::Object: {
-      out.push_back({named("__class__"), val.cls});
+      out.push_back({named("__class__"), class_global(arena_, val.cls)});
       if (val.state != kNoValue) {
         const Value& st = arena_[val.state];
         if (st.kind == ValueKind::Dict) {
@@ -315,8 +337,13 @@ std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) const 
       }
       if (val.args != kNoValue && !arena_[val.args].items.empty())
         out.push_back({named("__args__"), val.args});
-      if (val.dict_items != kNoValue) out.push_back({named("__items__"), val.dict_items});
-      if (val.list_items != kNoValue) out.push_back({named("__list__"), val.list_items});
+      // A dict or list subclass (Lightning's AttributeDict, ...) shows its items directly,
+      // as they are what the object holds.
+      if (val.dict_items != kNoValue) add_dict(val.dict_items);
+      if (val.list_items != kNoValue) {
+        const auto& items = arena_[val.list_items].items;
+        for (std::size_t i = 0; i < items.size(); ++i) out.push_back({number(i), items[i]});
+      }
       break;
     }
     default:
@@ -521,13 +548,17 @@ void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<
       out += "}";
       break;
     case ValueKind::PersistentRef:
+      if (ValueId g = class_global(arena_, v); g != v) {
+        render(out, g, depth + 1, on_path);  // a legacy persisted class: its name, not its source
+        break;
+      }
       out += "{\"__persistent_id__\": ";
       render(out, val.items[0], depth + 1, on_path);
       out += "}";
       break;
     case ValueKind::Object: {
       out += "{\"__class__\": ";
-      const Value& cls = arena_[val.cls];
+      const Value& cls = arena_[class_global(arena_, val.cls)];
       if (cls.kind == ValueKind::Global) {
         append_json_string(out, cls.text);
       } else {

@@ -5,9 +5,11 @@
 #include <array>
 #include <cstring>
 #include <unordered_map>
+#include <variant>
 
 #include "catalog_builder.h"
 #include "errors.h"
+#include "little_endian.h"
 #include "pickle_reader.h"
 #include "zip_directory.h"
 
@@ -18,6 +20,32 @@ constexpr std::uint64_t kMaxPickleBytes = 2ull << 30;
 // Protocol-2 pickle of torch's legacy magic number 0x1950a86a20f9469cfc6c.
 constexpr std::array<unsigned char, 15> kLegacyMagic = {
     0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e};
+
+// The fields of a ('storage', type, key, location, numel[, view_metadata]) persistent id.
+struct StoragePid {
+  DType dtype;
+  std::string key;
+  std::string location;
+  std::int64_t numel = -1;
+  ValueId view = kNoValue;  // legacy (view_key, offset, size), in elements
+};
+
+std::variant<StoragePid, std::string> parse_storage_pid(const ValueArena& arena, ValueId pid) {
+  const Value& t = arena[pid];
+  if (t.kind != ValueKind::Tuple || t.items.size() < 5 ||
+      arena[t.items[0]].kind != ValueKind::Str || arena[t.items[0]].text != "storage" ||
+      arena[t.items[1]].kind != ValueKind::Global || arena[t.items[2]].kind != ValueKind::Str) {
+    return std::string(
+        "unrecognised persistent id (not a ('storage', type, key, location, numel) tuple)");
+  }
+  auto dt = dtype_of_storage_class(arena[t.items[1]].text);
+  if (!dt) return fmt::format("unknown storage type '{}'", arena[t.items[1]].text);
+  StoragePid p{*dt, arena[t.items[2]].text, "", -1, kNoValue};
+  if (arena[t.items[3]].kind == ValueKind::Str) p.location = arena[t.items[3]].text;
+  if (arena[t.items[4]].kind == ValueKind::Int) p.numel = arena[t.items[4]].integer;
+  if (t.items.size() > 5 && arena[t.items[5]].kind == ValueKind::Tuple) p.view = t.items[5];
+  return p;
+}
 
 TensorCatalog load_torch_zip(const ByteSource& source) {
   ZipDirectory zip(source);
@@ -110,6 +138,131 @@ TensorCatalog load_torch_zip(const ByteSource& source) {
   return catalog;
 }
 
+// The legacy stream (torch < 1.6, or _use_new_zipfile_serialization=False): pickles of the
+// magic number, the protocol version, sys_info, the object, and the storage keys; then each
+// storage as an int64 element count and its bytes, in key-list order.
+TensorCatalog load_torch_legacy(const ByteSource& source) {
+  constexpr std::uint64_t kFirstPrefix = 1u << 20;
+  ValueArena arena;
+  std::string head;
+  ValueId root = kNoValue;
+  ValueId keys = kNoValue;
+  std::uint64_t data_start = 0;
+  // The pickles come first and have no length field: parse a prefix, growing it only when a
+  // pickle ran out of input.
+  for (std::uint64_t want = std::min(source.size(), kFirstPrefix);;
+       want = std::min(source.size(), want * 4)) {
+    head.resize(want);
+    source.read_at(0, std::as_writable_bytes(std::span(head)));
+    arena = ValueArena();
+    PickleReader reader(std::as_bytes(std::span(head)), arena);
+    try {
+      ValueId magic = reader.read();
+      const Value& m = arena[magic];
+      if (m.kind != ValueKind::BigInt || m.text != "119547037146038801333356") {
+        throw FormatError("not a PyTorch checkpoint (legacy magic number missing)");
+      }
+      ValueId proto = reader.read();
+      if (arena[proto].kind != ValueKind::Int || arena[proto].integer != 1001) {
+        throw FormatError("unsupported legacy torch.save protocol version");
+      }
+      reader.read();  // sys_info: informational; the storage section is little-endian
+      root = reader.read();
+      keys = reader.read();
+      data_start = reader.position();
+      break;
+    } catch (const TruncatedPickle&) {
+      if (want >= source.size() || want >= kMaxPickleBytes) {
+        throw FormatError("legacy torch.save file ends inside its pickles (truncated?)");
+      }
+    }
+  }
+  head.clear();
+  head.shrink_to_fit();
+  if (arena[keys].kind != ValueKind::List)
+    throw FormatError("legacy torch.save file has no storage key list");
+
+  // Element size of each storage: the type of its first reference (what torch.load uses).
+  std::unordered_map<std::string, StoragePid> first_ref;
+  for (ValueId i = 0; i < arena.size(); ++i) {
+    if (arena[i].kind != ValueKind::PersistentRef) continue;
+    auto parsed = parse_storage_pid(arena, arena[i].items[0]);
+    if (auto* sp = std::get_if<StoragePid>(&parsed)) first_ref.emplace(sp->key, *sp);
+  }
+  // One pass over the 8-byte headers; the data itself is not read.
+  std::unordered_map<std::string, StorageInfo> located;
+  std::uint64_t pos = data_start;
+  for (ValueId k : arena[keys].items) {
+    if (arena[k].kind != ValueKind::Str) throw FormatError("legacy storage key is not a string");
+    const std::string& key = arena[k].text;
+    auto ref = first_ref.find(key);
+    if (ref == first_ref.end())
+      throw FormatError(fmt::format("legacy storage '{}' is never referenced", key));
+    std::array<std::byte, 8> count_bytes{};
+    if (pos > source.size() || source.size() - pos < 8) {
+      throw FormatError(
+          fmt::format("legacy storage '{}' lies past the end of the file (truncated?)", key));
+    }
+    source.read_at(pos, count_bytes);
+    std::uint64_t count = load_le<std::uint64_t>(count_bytes.data());
+    std::uint64_t nbytes = 0;
+    if (__builtin_mul_overflow(count, std::uint64_t{ref->second.dtype.itemsize}, &nbytes) ||
+        nbytes > source.size() - pos - 8) {
+      throw FormatError(fmt::format(
+          "legacy storage '{}' declares {} elements, more than the file holds", key, count));
+    }
+    StorageInfo s;
+    s.key = key;
+    s.record = fmt::format("storage {} (legacy stream)", key);
+    s.location = ref->second.location;
+    s.offset = pos + 8;
+    s.nbytes = nbytes;
+    located.emplace(key, s);
+    pos += 8 + nbytes;
+  }
+
+  auto resolver = [&](ValueId pid) -> ResolvedStorage {
+    ResolvedStorage r;
+    auto parsed = parse_storage_pid(arena, pid);
+    if (auto* err = std::get_if<std::string>(&parsed)) {
+      r.error = *err;
+      return r;
+    }
+    const StoragePid& sp = std::get<StoragePid>(parsed);
+    r.dtype = sp.dtype;
+    auto it = located.find(sp.key);
+    if (it == located.end()) {
+      r.error = fmt::format("legacy storage '{}' is not in the storage section", sp.key);
+      return r;
+    }
+    r.storage = it->second;
+    if (sp.view != kNoValue) {
+      // A pre-1.0 storage view: (view_key, offset, size) in elements of the root storage.
+      const auto& v = arena[sp.view].items;
+      if (v.size() != 3 || arena[v[1]].kind != ValueKind::Int ||
+          arena[v[2]].kind != ValueKind::Int || arena[v[1]].integer < 0 ||
+          arena[v[2]].integer < 0) {
+        r.error = "malformed legacy storage view";
+        return r;
+      }
+      std::uint64_t off = static_cast<std::uint64_t>(arena[v[1]].integer) * sp.dtype.itemsize;
+      std::uint64_t len = static_cast<std::uint64_t>(arena[v[2]].integer) * sp.dtype.itemsize;
+      if (off > r.storage.nbytes || len > r.storage.nbytes - off) {
+        r.error = "legacy storage view reaches outside its storage";
+        return r;
+      }
+      r.storage.key = fmt::format("{}[{}:{}]", sp.key, off, off + len);
+      r.storage.offset += off;
+      r.storage.nbytes = len;
+    }
+    return r;
+  };
+  TensorCatalog catalog;
+  CatalogBuilder builder(arena, catalog, resolver);
+  builder.build(root, "torch legacy", false);
+  return catalog;
+}
+
 }  // namespace
 
 TensorCatalog load_checkpoint(const ByteSource& source) {
@@ -119,11 +272,20 @@ TensorCatalog load_checkpoint(const ByteSource& source) {
   source.read_at(0, std::as_writable_bytes(std::span(head.data(), n)));
   if (n >= 4 && std::memcmp(head.data(), "PK\x03\x04", 4) == 0) return load_torch_zip(source);
   if (n >= 4 && std::memcmp(head.data(), "PK\x05\x06", 4) == 0) return load_torch_zip(source);
-  if (n >= kLegacyMagic.size() &&
-      std::memcmp(head.data(), kLegacyMagic.data(), kLegacyMagic.size()) == 0) {
-    throw FormatError(
-        "legacy torch.save format (torch < 1.6 or _use_new_zipfile_serialization=False) is not "
-        "supported yet");
+  // Legacy streams start with a pickle of the magic number: protocol 2 (the default) has
+  // fixed bytes; other protocols start with PROTO or a text LONG.
+  if ((n >= kLegacyMagic.size() &&
+       std::memcmp(head.data(), kLegacyMagic.data(), kLegacyMagic.size()) == 0) ||
+      (head[0] == 0x80 && n > 1 && head[1] <= 5) || head[0] == 'L') {
+    return load_torch_legacy(source);
+  }
+  if (source.size() > 262) {
+    std::array<std::byte, 5> ustar{};
+    source.read_at(257, ustar);
+    if (std::memcmp(ustar.data(), "ustar", 5) == 0) {
+      throw FormatError(
+          "this is a tar-format torch checkpoint (torch < 0.1.10), which ckptfs does not read");
+    }
   }
   if (n >= 9 && head[8] == '{') {
     throw FormatError("safetensors files are not supported yet");

@@ -209,13 +209,18 @@ void PickleReader::fail(const std::string& what) const {
   throw FormatError(fmt::format("corrupt pickle at byte {}: {}", opcode_pos_, what));
 }
 
+void PickleReader::fail_truncated() const {
+  throw TruncatedPickle(
+      fmt::format("corrupt pickle at byte {}: unexpected end of data", opcode_pos_));
+}
+
 std::uint8_t PickleReader::next_byte() {
-  if (pos_ >= data_.size()) fail("unexpected end of data");
+  if (pos_ >= data_.size()) fail_truncated();
   return static_cast<std::uint8_t>(data_[pos_++]);
 }
 
 std::span<const std::byte> PickleReader::take(std::uint64_t n) {
-  if (n > data_.size() - pos_) fail(fmt::format("length {} runs past the end of the data", n));
+  if (n > data_.size() - pos_) fail_truncated();
   auto s = data_.subspan(pos_, n);
   pos_ += n;
   return s;
@@ -229,7 +234,7 @@ std::string PickleReader::take_string(std::uint64_t n) {
 std::string PickleReader::take_line() {
   auto begin = data_.begin() + static_cast<std::ptrdiff_t>(pos_);
   auto nl = std::find(begin, data_.end(), std::byte{'\n'});
-  if (nl == data_.end()) fail("unterminated text argument");
+  if (nl == data_.end()) fail_truncated();
   std::string line(reinterpret_cast<const char*>(&*begin), static_cast<std::size_t>(nl - begin));
   pos_ += line.size() + 1;
   if (!line.empty() && line.back() == '\r') line.pop_back();

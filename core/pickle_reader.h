@@ -13,9 +13,17 @@
 #include <unordered_map>
 #include <vector>
 
+#include "errors.h"
 #include "pickle_value.h"
 
 namespace ckptfs {
+
+// The pickle stopped in the middle: more input might complete it (legacy files are read from
+// a prefix that grows until their pickles fit).
+class TruncatedPickle : public FormatError {
+ public:
+  using FormatError::FormatError;
+};
 
 struct PickleLimits {
   std::size_t max_stack = 8u << 20;
@@ -54,6 +62,7 @@ class PickleReader {
   void memo_put(std::uint64_t index, ValueId id);
   ValueId memo_get(std::uint64_t index);
   [[noreturn]] void fail(const std::string& what) const;
+  [[noreturn]] void fail_truncated() const;
 
   std::span<const std::byte> data_;
   std::size_t pos_ = 0;

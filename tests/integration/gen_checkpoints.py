@@ -139,6 +139,12 @@ CASES = {
     "protocol4": (lambda: {"a": torch.randn(3, 3), "b": [torch.ones(2, dtype=torch.int8), {"c": 1.5}]},
                   {"pickle_protocol": 4}),
     "rebuild_v1": (rebuild_v1, {}),
+    # The legacy (pre-1.6) stream, written by today's torch on request.
+    "legacy_views": (views, {"_use_new_zipfile_serialization": False}),
+    "legacy_lightning": (lightning, {"_use_new_zipfile_serialization": False}),
+    "legacy_module": (module, {"_use_new_zipfile_serialization": False}),
+    "legacy_protocol4": (lambda: {"a": torch.randn(3, 3), "b": [torch.ones(2, dtype=torch.int8)]},
+                         {"_use_new_zipfile_serialization": False, "pickle_protocol": 4}),
     "parameters": (lambda: {"p": torch.nn.Parameter(torch.randn(3, 2)), "frozen": torch.nn.Parameter(torch.randn(2), requires_grad=False)}, {}),
 }
 

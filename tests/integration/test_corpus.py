@@ -1,5 +1,5 @@
 """The real-world corpus in ../shared/corpus/real (checkpoints written by other people): every
-zip-format file mounts and every tensor is byte-exact against torch's recorded sha256; its
+zip-format and legacy file mounts and every tensor is byte-exact against torch's recorded sha256; its
 plain values read back from the .json files (issue #2)."""
 import csv
 import hashlib
@@ -69,11 +69,12 @@ def manifest():
 
 
 class CorpusTest(unittest.TestCase):
-    def test_zip_files_byte_exact(self):
+    def test_torch_files_byte_exact(self):
         require_fuse()
-        files = [r["file"] for r in manifest() if r["format"] == "zip"]
-        self.assertGreaterEqual(len(files), 30)
+        files = [r["file"] for r in manifest() if r["format"] in ("zip", "legacy")]
+        self.assertGreaterEqual(len(files), 45)
         checked = quantized = values = 0
+        opaque_calls = []
         for name in files:
             with self.subTest(file=name):
                 with open(os.path.join(CORPUS, name + ".truth.json")) as f:
@@ -105,17 +106,25 @@ class CorpusTest(unittest.TestCase):
                         if got is MISSING and v["path"][-1] in INJECTED_BY_TORCH:
                             continue
                         self.assertIsNot(got, MISSING, f"{name}: value {v['path']} not found")
+                        if isinstance(got, dict) and set(got) <= {"__class__", "args", "state"} and \
+                                not isinstance(v["value"], dict):
+                            # A pickled call (e.g. _get_thnn_function_backend()): torch ran it to
+                            # get this value; ckptfs executes nothing and shows the call instead.
+                            opaque_calls.append((name, v["path"], got["__class__"]))
+                            continue
                         self.assertEqual(got, v["value"], f"{name}: {v['path']}")
                         values += 1
-        print(f"\ncorpus: {len(files)} zip files, {checked} tensors byte-exact, {quantized} quantized "
-              f"(metadata only), {values} values checked", file=sys.stderr)
+        print(f"\ncorpus: {len(files)} zip and legacy files, {checked} tensors byte-exact, {quantized} quantized "
+              f"(metadata only), {values} values checked; {len(opaque_calls)} values are pickled calls ckptfs "
+              f"shows unexecuted: {sorted(set(c[2] for c in opaque_calls))}", file=sys.stderr)
+        self.assertLessEqual(len(opaque_calls), 10)
         self.assertGreater(checked, 1000)
 
     def test_other_formats_fail_cleanly(self):
         """Files this version does not serve yet get one clear line, never a crash or a mount."""
         import tempfile
         for r in manifest():
-            if r["format"] == "zip":
+            if r["format"] in ("zip", "legacy"):
                 continue
             with self.subTest(file=r["file"]):
                 mnt = tempfile.mkdtemp(prefix="ckptfs-mnt-")

@@ -123,9 +123,6 @@ class ErrorsTest(unittest.TestCase):
         self.assertIn("--limit-mb", r.stderr)
 
     def test_other_formats_named(self):
-        legacy = self.path("legacy.pt")
-        torch.save({"w": self.w}, legacy, _use_new_zipfile_serialization=False)
-        self.assert_clean_failure(legacy, contains="legacy")
         script = self.path("script.pt")
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), script)
         self.assert_clean_failure(script, contains="TorchScript")

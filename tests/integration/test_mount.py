@@ -89,6 +89,14 @@ class MountedCheckpointTest(unittest.TestCase):
         found = self.check_byte_exact("rebuild_v1")
         self.assertEqual(len(found), 4)
 
+    def test_legacy_format(self):
+        self.check_byte_exact("legacy_views")
+        self.check_byte_exact("legacy_lightning")
+        self.check_byte_exact("legacy_module")
+        self.check_byte_exact("legacy_protocol4")
+        with Mount(self.paths["legacy_views"]) as m:
+            self.assertEqual(m.index()["format"], "torch legacy")
+
     def test_root_tensor(self):
         path = self.paths["root_tensor"]
         t = torch.load(path)
