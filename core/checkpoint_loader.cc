@@ -11,6 +11,7 @@
 #include "errors.h"
 #include "little_endian.h"
 #include "pickle_reader.h"
+#include "safetensors_loader.h"
 #include "zip_directory.h"
 
 namespace ckptfs {
@@ -287,9 +288,7 @@ TensorCatalog load_checkpoint(const ByteSource& source) {
           "this is a tar-format torch checkpoint (torch < 0.1.10), which ckptfs does not read");
     }
   }
-  if (n >= 9 && head[8] == '{') {
-    throw FormatError("safetensors files are not supported yet");
-  }
+  if (looks_like_safetensors(source)) return load_safetensors(source);
   throw FormatError(
       fmt::format("not a PyTorch checkpoint (unrecognised header {:02x} {:02x} {:02x} {:02x})",
                   head[0], n > 1 ? head[1] : 0, n > 2 ? head[2] : 0, n > 3 ? head[3] : 0));
