@@ -63,6 +63,12 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
   }
   out += ",\n  \"byteorder\": \"little\"";
   if (big_endian_) out += ",\n  \"byteswapped\": \"stored big-endian; served little-endian\"";
+  if (t.conj || t.neg) {
+    out += fmt::format(
+        ",\n  \"math_bits\": \"{}{}{}: served with them applied, as resolve_conj()/resolve_neg() "
+        "would\"",
+        t.conj ? "conj" : "", t.conj && t.neg ? "+" : "", t.neg ? "neg" : "");
+  }
   if (t.dtype.name == "bfloat16") {
     out +=
         ",\n  \"note\": \"numpy has no bfloat16: read as <u2 raw bits; float32 = "

@@ -51,6 +51,10 @@ struct TensorInfo {
   std::uint32_t storage = kNoStorage;
   std::uint64_t nbytes = 0;
   bool requires_grad = false;
+  // Math bits of newer torch (_rebuild_tensor_v2/v3 metadata): the stored values are to be
+  // conjugated / negated; the file holds the logical values.
+  bool conj = false;
+  bool neg = false;
   std::string wrapper;                 // e.g. "torch.nn.parameter.Parameter", or a tensor subclass
   std::string error;                   // non-empty: the file exists but reads fail (EIO); says why
   std::optional<TensorLayout> layout;  // set when error is empty

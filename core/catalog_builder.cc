@@ -21,7 +21,8 @@ bool is_tensor_function(const std::string& name) {
          name == "torch._utils._rebuild_tensor_v3" || name == "torch._utils._rebuild_parameter" ||
          name == "torch._utils._rebuild_parameter_with_state" ||
          name == "torch.nn.parameter.Parameter" || name == "torch._tensor._rebuild_from_type_v2" ||
-         name == "torch._tensor._rebuild_from_type" || name == "torch._utils._rebuild_qtensor";
+         name == "torch._tensor._rebuild_from_type" || name == "torch._utils._rebuild_qtensor" ||
+         name == "torch._utils._rebuild_device_tensor_from_cpu_tensor";
 }
 
 // The size stat reports, even for a tensor that turns out to be unservable (whose open then
@@ -54,6 +55,16 @@ ValueId class_global(const ValueArena& a, ValueId cls) {
     }
   }
   return cls;
+}
+
+// Tensors that have no single raw image: their components (if any) are walked like any
+// object, and a NAME.json says what they are.
+const char* special_tensor_kind(const std::string& fn) {
+  if (fn == "torch._utils._rebuild_sparse_tensor") return "sparse tensor";
+  if (fn == "torch._utils._rebuild_nested_tensor") return "nested tensor";
+  if (fn == "torch._utils._rebuild_meta_tensor_no_storage") return "meta tensor (no data)";
+  if (fn == "torch._utils._rebuild_wrapper_subclass") return "tensor subclass without storage";
+  return nullptr;
 }
 
 }  // namespace
@@ -169,18 +180,24 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
     return p;
   }
   t.storage = register_storage(rs.storage);
-  // Math bits (conj/neg) change the logical values; serving the stored ones would be wrong.
+  // Math bits (conj/neg) change the logical values: the reader applies them as sign flips,
+  // which is exact for IEEE-style floats and complex; anything else is refused.
   std::size_t meta_at = v2 ? 6 : v3 ? 7 : SIZE_MAX;
   if (meta_at < argv.size() && arena_[argv[meta_at]].kind == ValueKind::Dict) {
     const auto& kv = arena_[argv[meta_at]].items;
     for (std::size_t i = 0; i + 1 < kv.size(); i += 2) {
       const Value& k = arena_[kv[i]];
       const Value& val = arena_[kv[i + 1]];
-      if (k.kind == ValueKind::Str && (k.text == "conj" || k.text == "neg") &&
-          val.kind == ValueKind::Bool && val.boolean) {
-        t.error =
-            fmt::format("tensor has the '{}' bit set, which ckptfs does not apply yet", k.text);
-      }
+      if (k.kind != ValueKind::Str || val.kind != ValueKind::Bool || !val.boolean) continue;
+      if (k.text == "conj") t.conj = true;
+      if (k.text == "neg") t.neg = true;
+    }
+    const std::string_view dn = t.dtype.name;
+    const bool floating = dn.starts_with("float") || dn == "bfloat16" || t.dtype.is_complex;
+    if (t.conj && !t.dtype.is_complex) t.conj = false;  // conj of a real tensor is a no-op
+    if (t.neg && (!floating || dn.ends_with("fnuz"))) {
+      t.error =
+          fmt::format("tensor has the 'neg' bit set on {}, which ckptfs cannot apply exactly", dn);
     }
   }
   const StorageInfo& s = catalog_.storages_[t.storage];
@@ -379,15 +396,22 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
     enum { Tensor, Dir, Json } what;
     std::optional<ParsedTensor> tensor;
     std::string primary;
+    std::string special;  // a tensor without a raw file: what it is ("quantized tensor (qint8)")
   };
   std::vector<Pending> entries;
   entries.reserve(kids.size());
   for (const Child& c : kids) {
-    Pending p{&c, Pending::Json, parse_tensor(c.value, 0), {}};
+    Pending p{&c, Pending::Json, parse_tensor(c.value, 0), {}, {}};
+    const Value& cv = arena_[c.value];
+    if (p.tensor && p.tensor->quantized) {
+      p.special = "quantized tensor";
+    } else if (cv.kind == ValueKind::Object && arena_[cv.cls].kind == ValueKind::Global) {
+      if (const char* kind = special_tensor_kind(arena_[cv.cls].text)) p.special = kind;
+    }
     if (p.tensor && !p.tensor->quantized) {
       p.what = Pending::Tensor;
-    } else if (!p.tensor && (is_container(c.value) || (arena_[c.value].kind == ValueKind::Object &&
-                                                       contains_tensor(c.value, depth)))) {
+    } else if (!p.tensor && (is_container(c.value) ||
+                             (cv.kind == ValueKind::Object && contains_tensor(c.value, depth)))) {
       p.what = Pending::Dir;
     }
     entries.push_back(std::move(p));
@@ -401,6 +425,40 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
     std::string name = base + ext;
     for (int n = 1; !taken.insert(name).second; ++n) name = fmt::format("{}~{}{}", base, n, ext);
     return name;
+  };
+  auto add_json = [&](std::string name, std::string text) {
+    Node j;
+    j.kind = NodeKind::JsonValue;
+    j.parent = dir;
+    j.name = std::move(name);
+    j.text = std::move(text);
+    NodeIndex n = add_node(std::move(j));
+    catalog_.nodes_[dir].children.push_back(n);
+    return n;
+  };
+  // What a tensor without a raw file is, and where its parts are (if it has any).
+  auto describe = [&](const Pending& p, const std::string& json_path, const std::string& parts) {
+    std::string what =
+        json_path.substr(0, json_path.size() - 5);  // the key's path, without ".json"
+    std::string dtype = p.tensor ? fmt::format(" (torch.{})", p.tensor->info.dtype.name) : "";
+    std::string why =
+        parts.empty()
+            ? fmt::format("{} '{}'{}: no raw file, see {}", p.special, what, dtype, json_path)
+            : fmt::format("{} '{}'{}: no raw file; its component tensors are under {}/, see {}",
+                          p.special, what, dtype, parts, json_path);
+    std::string out = "{\"kind\": ";
+    append_json_string(out, p.special);
+    if (p.tensor) {
+      out += ", \"dtype\": ";
+      append_json_string(out, p.tensor->info.dtype.name);
+      out += ", \"shape\": ";
+      append_json_int_array(out, p.tensor->info.shape);
+    }
+    out += ", \"note\": ";
+    append_json_string(out, why);
+    out += ", \"pickled\": " + render_json(p.child->value) + "}\n";
+    catalog_.warnings_.push_back(why);
+    return out;
   };
   for (Pending& p : entries) {
     if (p.what != Pending::Json) {
@@ -445,32 +503,18 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
       NodeIndex child_dir = add_node(std::move(d));
       catalog_.nodes_[dir].children.push_back(child_dir);
       fill_directory(child_dir, p.child->value, key, depth + 1);
+      if (!p.special.empty()) {
+        std::string name = claim(p.primary, ".json");
+        std::string parts = catalog_.relative_path(child_dir);
+        NodeIndex n = add_json(name, "");
+        catalog_.nodes_[n].text = describe(p, catalog_.relative_path(n), parts);
+      }
     } else {
-      Node j;
-      j.kind = NodeKind::JsonValue;
-      j.parent = dir;
-      j.name = claim(escape_name(k.is_number ? fmt::format("{}", k.number) : k.text), ".json");
-      j.text = render_json(p.child->value);
-      if (p.tensor && p.tensor->quantized) {
-        const TensorInfo& q = p.tensor->info;
-        std::string why =
-            fmt::format("quantized tensor ({}): no raw file, see {}", q.dtype.name, j.name);
-        j.text = "{\"kind\": \"quantized tensor\", \"dtype\": ";
-        append_json_string(j.text, q.dtype.name);
-        j.text += ", \"shape\": ";
-        append_json_int_array(j.text, q.shape);
-        j.text += ", \"note\": ";
-        append_json_string(j.text, why);
-        j.text += ", \"pickled\": " + render_json(p.child->value) + "}\n";
-      }
-      NodeIndex n = add_node(std::move(j));
-      catalog_.nodes_[dir].children.push_back(n);
-      if (p.tensor && p.tensor->quantized) {
-        catalog_.warnings_.push_back(
-            fmt::format("quantized tensor '{}' ({}): no raw file, see {}",
-                        catalog_.relative_path(n).substr(0, catalog_.relative_path(n).size() - 5),
-                        p.tensor->info.dtype.name, catalog_.relative_path(n)));
-      }
+      std::string name =
+          claim(escape_name(k.is_number ? fmt::format("{}", k.number) : k.text), ".json");
+      NodeIndex n = add_json(name, "");
+      catalog_.nodes_[n].text = p.special.empty() ? render_json(p.child->value)
+                                                  : describe(p, catalog_.relative_path(n), "");
     }
     key.pop_back();
   }

@@ -41,11 +41,12 @@ void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std
     throw FormatError(fmt::format("read past the end of tensor '{}'", t.path));
   }
   const std::uint32_t unit = t.dtype.is_complex ? t.dtype.itemsize / 2 : t.dtype.itemsize;
-  if (!catalog_.big_endian() || unit <= 1) {
+  const bool swap = catalog_.big_endian() && unit > 1;
+  if (!swap && !t.conj && !t.neg) {
     gather(t, offset, dst);
     return;
   }
-  // Swap whole elements: widen the range to element boundaries, then copy the asked part.
+  // Transform whole elements: widen the range to element boundaries, then copy the asked part.
   const std::uint64_t first = offset - offset % t.dtype.itemsize;
   const std::uint64_t end = offset + dst.size();
   const std::uint64_t last = std::min<std::uint64_t>(
@@ -53,9 +54,23 @@ void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std
   thread_local std::vector<std::byte> scratch;
   scratch.resize(static_cast<std::size_t>(last - first));
   gather(t, first, scratch);
-  for (std::size_t i = 0; i + unit <= scratch.size(); i += unit)
-    std::reverse(scratch.begin() + static_cast<std::ptrdiff_t>(i),
-                 scratch.begin() + static_cast<std::ptrdiff_t>(i + unit));
+  if (swap) {
+    for (std::size_t i = 0; i + unit <= scratch.size(); i += unit) {
+      std::reverse(scratch.begin() + static_cast<std::ptrdiff_t>(i),
+                   scratch.begin() + static_cast<std::ptrdiff_t>(i + unit));
+    }
+  }
+  // Now little-endian: a component's sign bit is the top bit of its last byte. neg negates
+  // the real part (the value, for real types) and the imaginary part; conj negates the
+  // imaginary part, so with both set it cancels there.
+  const bool flip_real = t.neg;
+  const bool flip_imag = t.dtype.is_complex && t.neg != t.conj;
+  if (flip_real || flip_imag) {
+    for (std::size_t e = 0; e + t.dtype.itemsize <= scratch.size(); e += t.dtype.itemsize) {
+      if (flip_real) scratch[e + unit - 1] ^= std::byte{0x80};
+      if (flip_imag) scratch[e + t.dtype.itemsize - 1] ^= std::byte{0x80};
+    }
+  }
   std::memcpy(dst.data(), scratch.data() + (offset - first), dst.size());
 }
 

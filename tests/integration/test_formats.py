@@ -1,6 +1,7 @@
 """Formats beyond the default torch zip (issue #4): safetensors written by an independent
 writer (this file, following the safetensors spec, with data from numpy and torch), and
 hostile safetensors headers."""
+import collections
 import json
 import os
 import struct
@@ -173,6 +174,91 @@ class BigEndianTest(unittest.TestCase):
                     f.seek(3)
                     want = tensors["f64"].numpy().tobytes()
                     self.assertEqual(f.read(13), want[3:16])
+
+
+class NewerTorchTest(unittest.TestCase):
+    """Constructs of torch 2.x, pickled faithfully by newer_torch.py; expected bytes from numpy."""
+
+    def test_newer_constructs(self):
+        require_fuse()
+        import newer_torch as nt
+        rng = np.random.default_rng(4)
+        u16 = (np.arange(12, dtype="<u2") * 1000 + 7)
+        s0 = nt.Storage("0", nt.UNTYPED, u16.tobytes(), u16.nbytes)
+        f8 = rng.integers(0, 256, 32, dtype=np.uint8)
+        s1 = nt.Storage("1", nt.UNTYPED, f8.tobytes(), 32)
+        p = rng.standard_normal(6).astype("<f4")
+        s2 = nt.Storage("2", torch.FloatStorage, p.tobytes(), 6)
+        sub = rng.standard_normal(4).astype("<f4")
+        s3 = nt.Storage("3", torch.FloatStorage, sub.tobytes(), 4)
+        c = (rng.standard_normal(5) + 1j * rng.standard_normal(5)).astype("<c8")
+        s4 = nt.Storage("4", torch.ComplexFloatStorage, c.tobytes(), 5)
+        x = np.array([1.5, -0.0, 0.0, np.inf, -2.25], dtype="<f4")
+        s5 = nt.Storage("5", torch.FloatStorage, x.tobytes(), 5)
+        ints = np.arange(4, dtype="<i8")
+        s6 = nt.Storage("6", torch.LongStorage, ints.tobytes(), 4)
+        idx = np.array([[0, 1, 2], [2, 0, 1]], dtype="<i8")
+        s7 = nt.Storage("7", torch.LongStorage, idx.tobytes(), 6)
+        vals = np.array([1.0, 2.0, 3.0], dtype="<f4")
+        s8 = nt.Storage("8", torch.FloatStorage, vals.tobytes(), 3)
+        obj = {
+            "u16": nt.v3(s0, 0, (3, 4), (4, 1), "uint16"),
+            "u16_t": nt.v3(s0, 0, (4, 3), (1, 4), "uint16"),
+            "u32_shared": nt.v3(s0, 1, (3,), (1,), "uint32"),         # a second new dtype on storage 0
+            "f8": nt.v3(s1, 1, (2, 4), (8, 2), "float8_e4m3fn"),
+            "param": nt.Call("torch._utils._rebuild_parameter_with_state", nt.v2(s2, 0, (2, 3), (3, 1)), True,
+                             collections.OrderedDict(), {"_is_sharded": True}),
+            "subclass": nt.Call("torch._tensor._rebuild_from_type_v2", nt.Ref("torch._utils._rebuild_tensor_v2"),
+                                nt.Ref("mylib.MyTensor"),
+                                (s3, 0, (2, 2), (2, 1), False, collections.OrderedDict()), {"tag": "x"}),
+            "conj": nt.v2(s4, 0, (5,), (1,), {"conj": True}),
+            "neg": nt.v2(s5, 0, (5,), (1,), {"neg": True}),
+            "neg_int": nt.v2(s6, 0, (4,), (1,), {"neg": True}),
+            "sparse": nt.Call("torch._utils._rebuild_sparse_tensor",
+                              nt.Call("torch.serialization._get_layout", "torch.sparse_coo"),
+                              (nt.v2(s7, 0, (2, 3), (3, 1)), nt.v2(s8, 0, (3,), (1,)), (3, 3))),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "newer.pt")
+            nt.save(obj, [s0, s1, s2, s3, s4, s5, s6, s7, s8], path)
+            want = {
+                "u16": u16.tobytes(),
+                "u16_t": u16.reshape(3, 4).T.copy().tobytes(),
+                "u32_shared": u16.tobytes()[4:16],
+                "f8": np.lib.stride_tricks.as_strided(f8[1:], (2, 4), (8, 2)).copy().tobytes(),
+                "param": p.tobytes(),
+                "subclass": sub.tobytes(),
+                "conj": np.conj(c).tobytes(),
+                "neg": (-x).tobytes(),
+            }
+            with Mount(path) as m:
+                index = {e["key"][0]: e for e in m.index()["tensors"] if len(e["key"]) == 1}
+                for name, raw in want.items():
+                    with open(m.file(index[name]["path"]), "rb") as f:
+                        self.assertEqual(f.read(), raw, name)
+                self.assertEqual(index["u16"]["dtype"], "uint16")
+                self.assertEqual(index["u32_shared"]["dtype"], "uint32")
+                self.assertEqual(index["f8"]["dtype"], "float8_e4m3fn")
+                with open(m.file("param.json")) as f:
+                    side = json.load(f)
+                self.assertEqual(side["wrapper"], "torch.nn.parameter.Parameter")
+                self.assertTrue(side["requires_grad"])
+                with open(m.file("subclass.json")) as f:
+                    self.assertEqual(json.load(f)["wrapper"], "mylib.MyTensor")
+                with open(m.file("conj.json")) as f:
+                    self.assertIn("conj", json.load(f)["math_bits"])
+                with self.assertRaises(OSError):
+                    open(m.file("neg_int"), "rb")
+                # Sparse: components are files, the sidecar says what it is.
+                with open(m.file("sparse.json")) as f:
+                    info = json.load(f)
+                self.assertIn("sparse", info["kind"])
+                comp = {tuple(e["key"]): e for e in m.index()["tensors"]}
+                sparse_keys = [k for k in comp if k[0] == "sparse"]
+                self.assertEqual(len(sparse_keys), 2)
+                got = sorted(open(m.file(comp[k]["path"]), "rb").read() for k in sparse_keys)
+                self.assertEqual(got, sorted([idx.tobytes(), vals.tobytes()]))
+            self.assertIn("neg", m.stderr_text)
 
 
 if __name__ == "__main__":
