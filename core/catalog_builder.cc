@@ -7,6 +7,7 @@
 
 #include "errors.h"
 #include "json_text.h"
+#include "known_objects.h"
 #include "name_escaping.h"
 
 namespace ckptfs {
@@ -533,6 +534,10 @@ void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<
   bool compound = is_container(v) || val.kind == ValueKind::Object;
   if (compound && std::find(on_path.begin(), on_path.end(), v) != on_path.end()) {
     out += "{\"__cycle__\": true}";
+    return;
+  }
+  if (auto known = render_known_object(arena_, v)) {
+    out += *known;  // numpy scalars and arrays, torch.Size/device/dtype: their values
     return;
   }
   if (compound) on_path.push_back(v);

@@ -15,3 +15,13 @@ class Net(torch.nn.Module):
 
     def forward(self, x):
         return self.head(self.bn(self.conv(x)).mean((2, 3))) * self.scale
+
+
+class AttributeDict(dict):
+    """Like Lightning's AttributeDict: a dict subclass with attribute access."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError as e:
+            raise AttributeError(key) from e

@@ -128,6 +128,21 @@ def rebuild_v1():
     return {"v1": RebuildV1(x), "v1_t": RebuildV1(x.t()), "v1_slice": RebuildV1(x[1:, 2:5]), "v2": x}
 
 
+def values():
+    import numpy as np
+    import ckptfs_test_models
+    return {
+        "np_f64": np.float64(0.5), "np_f32": np.float32(1.25), "np_f16": np.float16(-0.5),
+        "np_i64": np.int64(-3), "np_u8": np.uint8(200), "np_bool": np.bool_(True),
+        "np_c64": np.complex64(1 + 2j),
+        "np_array": np.array([[1, 2], [3, 4]], dtype=np.int32),
+        "np_fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        "np_big_endian": np.arange(3, dtype=">i4"),
+        "size": torch.Size([2, 3]), "device": torch.device("cuda", 1), "dtype": torch.float16,
+        "hparams": ckptfs_test_models.AttributeDict(lr=0.1, w=torch.ones(3), name="net"),
+    }
+
+
 CASES = {
     "dtypes": (dtypes, {}),
     "views": (views, {}),
@@ -139,6 +154,7 @@ CASES = {
     "protocol4": (lambda: {"a": torch.randn(3, 3), "b": [torch.ones(2, dtype=torch.int8), {"c": 1.5}]},
                   {"pickle_protocol": 4}),
     "rebuild_v1": (rebuild_v1, {}),
+    "values": (values, {}),
     # The legacy (pre-1.6) stream, written by today's torch on request.
     "legacy_views": (views, {"_use_new_zipfile_serialization": False}),
     "legacy_lightning": (lightning, {"_use_new_zipfile_serialization": False}),

@@ -100,7 +100,7 @@ class CorpusTest(unittest.TestCase):
                         self.assertEqual(hashlib.sha256(data).hexdigest(), t["sha256"], f"{name}: {key} bytes differ")
                         checked += 1
                     for v in truth.get("values", []):
-                        if v["type"] not in ("int", "float", "str", "bool", "NoneType"):
+                        if v["type"] not in ("int", "float", "str", "bool", "NoneType", "torch.dtype"):
                             continue
                         got = read_value(m.path, v["path"])
                         if got is MISSING and v["path"][-1] in INJECTED_BY_TORCH:

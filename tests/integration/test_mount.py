@@ -97,6 +97,31 @@ class MountedCheckpointTest(unittest.TestCase):
         with Mount(self.paths["legacy_views"]) as m:
             self.assertEqual(m.index()["format"], "torch legacy")
 
+    def test_readable_values(self):
+        """numpy scalars/arrays, torch.Size/device/dtype and dict subclasses read as values."""
+        self.check_byte_exact("values")
+        obj = torch.load(self.paths["values"])
+        with Mount(self.paths["values"]) as m:
+            def value(rel):
+                with open(m.file(rel)) as f:
+                    return json.load(f)
+            for k in ("np_f64", "np_f32", "np_f16"):
+                self.assertEqual(value(k + ".json"), float(obj[k]), k)
+            for k in ("np_i64", "np_u8"):
+                self.assertEqual(value(k + ".json"), int(obj[k]), k)
+            self.assertIs(value("np_bool.json"), True)
+            self.assertEqual(value("np_c64.json"), {"real": obj["np_c64"].real, "imag": obj["np_c64"].imag})
+            for k in ("np_array", "np_fortran", "np_big_endian"):
+                arr = value(k + ".json")["__ndarray__"]
+                self.assertEqual(arr["values"], obj[k].tolist(), k)
+                self.assertEqual(arr["shape"], list(obj[k].shape), k)
+                self.assertEqual(arr["dtype"], obj[k].dtype.str, k)
+            self.assertEqual(value("size.json"), list(obj["size"]))
+            self.assertEqual(value("device.json"), str(obj["device"]))
+            self.assertEqual(value("dtype.json"), str(obj["dtype"]))
+            self.assertEqual(value("hparams/lr.json"), 0.1)
+            self.assertTrue(os.path.exists(m.file("hparams/w")))
+
     def test_root_tensor(self):
         path = self.paths["root_tensor"]
         t = torch.load(path)
