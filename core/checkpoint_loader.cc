@@ -12,6 +12,7 @@
 #include "little_endian.h"
 #include "pickle_reader.h"
 #include "safetensors_loader.h"
+#include "segmented_source.h"
 #include "zip_directory.h"
 
 namespace ckptfs {
@@ -48,7 +49,7 @@ std::variant<StoragePid, std::string> parse_storage_pid(const ValueArena& arena,
   return p;
 }
 
-TensorCatalog load_torch_zip(const ByteSource& source) {
+LoadedCheckpoint load_torch_zip(const ByteSource& source) {
   ZipDirectory zip(source);
   if (zip.entries().empty()) throw FormatError("zip archive is empty, not a torch.save checkpoint");
   // torch takes the record prefix from the first entry, whatever the file is called now.
@@ -88,6 +89,7 @@ TensorCatalog load_torch_zip(const ByteSource& source) {
   PickleReader reader(std::as_bytes(std::span(pickle)), arena);
   ValueId root = reader.read();
 
+  std::unique_ptr<SegmentedSource> segmented;  // only when some record is deflated
   // Storage records are located once per key (their local header is read from the file).
   std::unordered_map<std::string, ResolvedStorage> by_key;
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
@@ -118,13 +120,23 @@ TensorCatalog load_torch_zip(const ByteSource& source) {
     const ZipEntry* e = zip.find(record);
     if (e == nullptr) {
       r.error = fmt::format("storage record '{}' is missing from the archive", record);
-    } else if (e->method != 0) {
+    } else if (e->method != 0 && e->method != 8) {
       r.error = fmt::format(
-          "storage record '{}' is compressed (zip method {}); only stored records are served yet",
+          "storage record '{}' is compressed with zip method {}; only stored and deflated records "
+          "are served",
           record, e->method);
     } else {
       try {
-        r.storage.offset = zip.data_offset(*e);
+        std::uint64_t data = zip.data_offset(*e);
+        if (e->method == 8) {
+          // Re-zipped by some tool: inflate on demand, behind the same block cache.
+          if (!segmented) segmented = std::make_unique<SegmentedSource>(source);
+          r.storage.offset = segmented->append(
+              std::make_unique<InflatedRecord>(source, data, e->compressed_size, e->size, record));
+          r.storage.record = record + " (deflated)";
+        } else {
+          r.storage.offset = data;
+        }
         r.storage.nbytes = e->size;
       } catch (const FormatError& err) {
         r.error = err.what();
@@ -136,13 +148,13 @@ TensorCatalog load_torch_zip(const ByteSource& source) {
 
   CatalogBuilder builder(arena, catalog, resolver);
   builder.build(root, "torch zip", big_endian);
-  return catalog;
+  return {std::move(catalog), std::move(segmented)};
 }
 
 // The legacy stream (torch < 1.6, or _use_new_zipfile_serialization=False): pickles of the
 // magic number, the protocol version, sys_info, the object, and the storage keys; then each
 // storage as an int64 element count and its bytes, in key-list order.
-TensorCatalog load_torch_legacy(const ByteSource& source) {
+LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
   constexpr std::uint64_t kFirstPrefix = 1u << 20;
   ValueArena arena;
   std::string head;
@@ -261,12 +273,12 @@ TensorCatalog load_torch_legacy(const ByteSource& source) {
   TensorCatalog catalog;
   CatalogBuilder builder(arena, catalog, resolver);
   builder.build(root, "torch legacy", false);
-  return catalog;
+  return {std::move(catalog), nullptr};
 }
 
 }  // namespace
 
-TensorCatalog load_checkpoint(const ByteSource& source) {
+LoadedCheckpoint load_checkpoint(const ByteSource& source) {
   std::array<unsigned char, 16> head{};
   std::uint64_t n = std::min<std::uint64_t>(source.size(), head.size());
   if (n == 0) throw FormatError("the file is empty");
@@ -288,7 +300,7 @@ TensorCatalog load_checkpoint(const ByteSource& source) {
           "this is a tar-format torch checkpoint (torch < 0.1.10), which ckptfs does not read");
     }
   }
-  if (looks_like_safetensors(source)) return load_safetensors(source);
+  if (looks_like_safetensors(source)) return {load_safetensors(source), nullptr};
   throw FormatError(
       fmt::format("not a PyTorch checkpoint (unrecognised header {:02x} {:02x} {:02x} {:02x})",
                   head[0], n > 1 ? head[1] : 0, n > 2 ? head[2] : 0, n > 3 ? head[3] : 0));

@@ -72,10 +72,10 @@ std::string fsname_for(const std::string& path) {
 
 int run(const CliOptions& opts) {
   std::unique_ptr<LocalFileSource> source;
-  TensorCatalog catalog;
+  LoadedCheckpoint loaded;
   try {
     source = std::make_unique<LocalFileSource>(opts.checkpoint);
-    catalog = load_checkpoint(*source);
+    loaded = load_checkpoint(*source);
   } catch (const CkptError& e) {
     std::fprintf(stderr, "ckptfs: %s: %s\n", opts.checkpoint.c_str(), e.what());
     return 1;
@@ -84,6 +84,9 @@ int run(const CliOptions& opts) {
                  opts.checkpoint.c_str());
     return 1;
   }
+  const TensorCatalog& catalog = loaded.catalog;
+  // Tensor bytes come from the file, or from the file plus inflated records.
+  const ByteSource& data = loaded.data ? *loaded.data : *source;
   const auto& warnings = catalog.warnings();
   for (std::size_t i = 0; i < warnings.size() && i < kMaxWarningLines; ++i) {
     std::fprintf(stderr, "ckptfs: warning: %s\n", warnings[i].c_str());
@@ -112,13 +115,13 @@ int run(const CliOptions& opts) {
   const MemoryBudget budget = split_memory_budget(opts.limit_mb << 20);
   std::unique_ptr<BlockCache> cache;
   try {
-    cache = std::make_unique<BlockCache>(*source, budget.cache_bytes);
+    cache = std::make_unique<BlockCache>(data, budget.cache_bytes);
   } catch (const CkptError& e) {
     std::fprintf(stderr, "ckptfs: %s\n", e.what());
     return 1;
   }
   KernelPageLedger ledger(budget.kernel_bytes);
-  MountState state(catalog, *source, *cache, ledger);
+  MountState state(catalog, data, *cache, ledger);
   state.limit_bytes = opts.limit_mb << 20;
   state.mtime = source->mtime();
   state.uid = ::getuid();

@@ -156,7 +156,7 @@ TEST_CASE("one big sequential scan does not flush a block that keeps being read"
   int hot_misses = 0;
   int step = 0;
   for (std::uint64_t off = 1u << 20; off + buf.size() <= src.size(); off += buf.size()) {
-    cache.read(off, buf);  // a scan of 240 blocks, each read once
+    cache.read(off, buf);    // a scan of 240 blocks, each read once
     if (++step % 16 == 0) {  // the hot block is read far less often than blocks stream by
       int before = src.reads;
       cache.read(0, hot);
