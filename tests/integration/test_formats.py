@@ -299,5 +299,93 @@ class DeflatedZipTest(unittest.TestCase):
                     self.assertIn("deflated", json.load(f)["source"]["record"])
 
 
+
+def write_sparse_zip64(path, prefix, pickle_bytes, big_name, big_size, patches):
+    """Writes a torch-style stored zip whose record |big_name| is |big_size| bytes: zeros
+    (a hole in a sparse file) except |patches| {offset: bytes}. ZIP64 everywhere it is due:
+    sizes >= 4 GiB and local-header offsets >= 4 GiB, plus the ZIP64 end records."""
+    import zlib
+    entries = []  # (name, offset, size, crc)
+    with open(path, "wb") as f:
+        def put(name, data_len, writer, crc):
+            offset = f.tell()
+            z64 = data_len >= 0xFFFFFFFF
+            extra = struct.pack("<HHQQ", 1, 16, data_len, data_len) if z64 else b""
+            nm = name.encode()
+            f.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if z64 else 20, 0, 0, 0, 0, crc,
+                                0xFFFFFFFF if z64 else data_len, 0xFFFFFFFF if z64 else data_len, len(nm), len(extra)))
+            f.write(nm + extra)
+            writer()
+            entries.append((nm, offset, data_len, crc))
+
+        put(f"{prefix}/data.pkl", len(pickle_bytes), lambda: f.write(pickle_bytes), zlib.crc32(pickle_bytes))
+
+        def write_big():
+            start = f.tell()
+            for off, data in sorted(patches.items()):
+                f.seek(start + off)
+                f.write(data)
+            f.seek(start + big_size)
+        put(f"{prefix}/{big_name}", big_size, write_big, 0)  # CRC left 0, as with compute_crc32=False
+        put(f"{prefix}/version", 2, lambda: f.write(b"3\n"), zlib.crc32(b"3\n"))
+        cd_start = f.tell()
+        for nm, offset, size, crc in entries:
+            fields = []
+            if size >= 0xFFFFFFFF:
+                fields += [size, size]
+            if offset >= 0xFFFFFFFF:
+                fields.append(offset)
+            extra = struct.pack("<HH", 1, 8 * len(fields)) + struct.pack(f"<{len(fields)}Q", *fields) if fields else b""
+            f.write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0, crc,
+                                0xFFFFFFFF if size >= 0xFFFFFFFF else size, 0xFFFFFFFF if size >= 0xFFFFFFFF else size,
+                                len(nm), len(extra), 0, 0, 0, 0, 0xFFFFFFFF if offset >= 0xFFFFFFFF else offset))
+            f.write(nm + extra)
+        cd_end = f.tell()
+        f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, len(entries), len(entries),
+                            cd_end - cd_start, cd_start))
+        f.write(struct.pack("<IIQI", 0x07064B50, 0, cd_end, 1))
+        f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+
+
+class Zip64Test(unittest.TestCase):
+    def test_storage_over_4_gib(self):
+        require_fuse()
+        import newer_torch as nt
+        numel = (5 << 30) // 4  # a 5 GiB float32 storage
+        nbytes = numel * 4
+        head = np.arange(1024, dtype="<f4").tobytes()
+        across = np.arange(5000, 6024, dtype="<f4").tobytes()  # straddles byte 4 GiB
+        across_at = (1 << 32) - 2048
+        tail = np.arange(-1024, 0, dtype="<f4").tobytes()
+        storage = nt.Storage("0", torch.FloatStorage, None, numel)
+        obj = {"huge": nt.v2(storage, 0, (numel,), (1,)),
+               "tail": nt.v2(storage, numel - 1024, (1024,), (1,)),            # element offset > 2^30
+               "cross": nt.v2(storage, across_at // 4, (32, 32), (32, 1))}    # bytes around 4 GiB
+        import io
+        buf = io.BytesIO()
+        obj = nt._resolve_refs(obj)
+        with nt.installed():
+            nt._Pickler(buf, protocol=2).dump(obj)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "huge.pt")
+            write_sparse_zip64(path, "huge", buf.getvalue(), "data/0", nbytes,
+                               {0: head, across_at: across, nbytes - len(tail): tail})
+            self.assertGreater(os.path.getsize(path), 5 << 30)
+            with Mount(path, "--limit-mb", "64") as m:
+                self.assertEqual(os.stat(m.file("huge")).st_size, nbytes)
+                with open(m.file("huge"), "rb") as f:
+                    self.assertEqual(f.read(len(head)), head)
+                    f.seek(across_at)
+                    self.assertEqual(f.read(len(across)), across)
+                    f.seek(nbytes - len(tail))
+                    self.assertEqual(f.read(), tail)
+                    f.seek(3 << 30)
+                    self.assertEqual(f.read(4096), bytes(4096))
+                with open(m.file("tail"), "rb") as f:
+                    self.assertEqual(f.read(), tail)
+                with open(m.file("cross"), "rb") as f:
+                    self.assertEqual(f.read(), across)
+
+
 if __name__ == "__main__":
     unittest.main()
