@@ -13,9 +13,9 @@ namespace ckptfs {
 std::string usage_text() {
   return R"(usage: ckptfs [options] CHECKPOINT MOUNTPOINT
 
-Mounts a PyTorch checkpoint (torch.save zip format) read-only at MOUNTPOINT: every tensor
-becomes a raw file (C order, little-endian, its own dtype) with a NAME.json sidecar, and every
-other value a .json file. /.ckptfs/index.json lists all tensors; /.ckptfs/stats shows the cache.
+Mounts a PyTorch checkpoint (torch.save zip or legacy format, or safetensors) read-only
+at MOUNTPOINT: every tensor becomes a raw file (C order, little-endian, its own dtype)
+with a NAME.json sidecar, and every other value a .json file. /.ckptfs/index.json lists all tensors; /.ckptfs/stats shows the cache.
 
 options:
   --limit-mb N      memory budget in MiB (default 1024, at least 8): the daemon's cache plus
