@@ -15,7 +15,8 @@ std::string usage_text() {
 
 Mounts a PyTorch checkpoint (torch.save zip or legacy format, or safetensors) read-only
 at MOUNTPOINT: every tensor becomes a raw file (C order, little-endian, its own dtype)
-with a NAME.json sidecar, and every other value a .json file. /.ckptfs/index.json lists all tensors; /.ckptfs/stats shows the cache.
+with a NAME.json sidecar, and every other value a .json file. /.ckptfs/index.json lists
+all tensors; /.ckptfs/stats shows the memory budget and the cache.
 
 options:
   --limit-mb N      memory budget in MiB (default 1024, at least 8): the daemon's cache plus
