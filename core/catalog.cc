@@ -99,6 +99,31 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
   return out;
 }
 
+std::string TensorCatalog::npy_header(const TensorInfo& t) {
+  std::string dict =
+      fmt::format("{{'descr': '{}', 'fortran_order': False, 'shape': (", t.dtype.numpy_dtype);
+  for (std::size_t i = 0; i < t.shape.size(); ++i)
+    dict += fmt::format("{}{}", t.shape[i],
+                        t.shape.size() == 1      ? ","
+                        : i + 1 < t.shape.size() ? ", "
+                                                 : "");
+  dict += "), }";
+  // The header (magic, version, length field, dict) is padded with spaces to a multiple of 64
+  // and ends in a newline, as numpy writes it; version 2.0 when the dict exceeds 65535 bytes.
+  const bool v2 = dict.size() + 1 + 10 + 63 > 0xFFFF;
+  const std::size_t prefix = v2 ? 12 : 10;
+  std::size_t total = (prefix + dict.size() + 1 + 63) / 64 * 64;
+  dict.append(total - prefix - dict.size() - 1, ' ');
+  dict.push_back('\n');
+  std::string out = "\x93NUMPY";
+  out.push_back(static_cast<char>(v2 ? 2 : 1));
+  out.push_back('\0');
+  std::uint32_t len = static_cast<std::uint32_t>(dict.size());
+  for (std::size_t i = 0; i < (v2 ? 4u : 2u); ++i)
+    out.push_back(static_cast<char>((len >> (8 * i)) & 0xFF));
+  return out + dict;
+}
+
 const std::string& TensorCatalog::index_json() const {
   std::call_once(*index_once_, [this] {
     std::string out = "{\n\"format\": ";
@@ -113,6 +138,8 @@ const std::string& TensorCatalog::index_json() const {
       append_json_string(out, t.path);
       out += ", \"sidecar\": ";
       append_json_string(out, t.sidecar);
+      out += ", \"npy\": ";
+      append_json_string(out, t.npy);
       out += ", \"dtype\": ";
       append_json_string(out, t.dtype.name);
       out += ", \"shape\": ";

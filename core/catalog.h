@@ -44,6 +44,7 @@ struct TensorInfo {
   std::vector<KeyPart> key;
   std::string path;     // of the raw file, relative to the mount root
   std::string sidecar;  // path of its .json sidecar
+  std::string npy;      // path of its .npy view
   DType dtype{};
   std::vector<std::int64_t> shape;
   std::vector<std::int64_t> stride;
@@ -64,6 +65,7 @@ enum class NodeKind : std::uint8_t {
   Directory,
   TensorData,     // raw bytes of |tensor|
   TensorSidecar,  // JSON metadata of |tensor|
+  NpyView,        // |tensor| behind an NPY header, for np.load(..., mmap_mode='r')
   JsonValue,      // |text| is the file's JSON content
   IndexFile,      // /.ckptfs/index.json
   StatsFile,      // /.ckptfs/stats, rendered by the daemon on every read
@@ -74,7 +76,7 @@ struct Node {
   NodeIndex parent = kNoNode;
   std::string name;
   std::vector<NodeIndex> children;  // Directory: sorted by name
-  std::uint32_t tensor = 0;         // TensorData, TensorSidecar
+  std::uint32_t tensor = 0;         // TensorData, TensorSidecar, NpyView
   std::string text;                 // JsonValue
 };
 
@@ -97,6 +99,8 @@ class TensorCatalog {
   const std::vector<std::string>& warnings() const { return warnings_; }
 
   std::string sidecar_json(const TensorInfo& t) const;
+  // The NPY (format 1.0, or 2.0 for huge headers) header of |t|'s .npy view; the data follows.
+  static std::string npy_header(const TensorInfo& t);
   // Rendered on first use and kept: it is large for big checkpoints and read rarely.
   const std::string& index_json() const;
 

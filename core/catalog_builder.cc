@@ -472,6 +472,7 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
     key.push_back(k);
     if (p.what == Pending::Tensor) {
       std::string sidecar = claim(p.primary, ".json");
+      std::string npy = claim(p.primary, ".npy");
       TensorInfo info = std::move(p.tensor->info);
       info.key = key;
       auto tensor_index = static_cast<std::uint32_t>(catalog_.tensors_.size());
@@ -487,10 +488,18 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
       meta.name = sidecar;
       meta.tensor = tensor_index;
       NodeIndex meta_node = add_node(std::move(meta));
+      Node view;
+      view.kind = NodeKind::NpyView;
+      view.parent = dir;
+      view.name = npy;
+      view.tensor = tensor_index;
+      NodeIndex npy_node = add_node(std::move(view));
       catalog_.nodes_[dir].children.push_back(data_node);
       catalog_.nodes_[dir].children.push_back(meta_node);
+      catalog_.nodes_[dir].children.push_back(npy_node);
       info.path = catalog_.relative_path(data_node);
       info.sidecar = catalog_.relative_path(meta_node);
+      info.npy = catalog_.relative_path(npy_node);
       if (!info.error.empty()) {
         catalog_.warnings_.push_back(fmt::format("tensor '{}': {} (reads return EIO; see {})",
                                                  info.path, info.error, info.sidecar));

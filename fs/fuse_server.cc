@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "errors.h"
+#include "json_text.h"
 
 namespace ckptfs {
 namespace {
@@ -58,6 +59,15 @@ struct stat make_stat(const MountState& s, NodeIndex i) {
       st.st_nlink = 1;
       st.st_size = static_cast<off_t>(t.nbytes);
       st.st_blocks = static_cast<blkcnt_t>((t.nbytes + 511) / 512);  // du counts tensor bytes
+      break;
+    }
+    case NodeKind::NpyView: {
+      // The same bytes as the raw file behind a small header: no blocks, so du counts the
+      // tensor once.
+      const TensorInfo& t = s.catalog.tensors()[n.tensor];
+      st.st_mode = S_IFREG | 0444;
+      st.st_nlink = 1;
+      st.st_size = static_cast<off_t>(TensorCatalog::npy_header(t).size() + t.nbytes);
       break;
     }
     case NodeKind::StatsFile:
@@ -194,7 +204,8 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     return;
   }
   // A tensor that cannot be served fails loudly at open: never an empty or partial file.
-  if (n.kind == NodeKind::TensorData && !s.catalog.tensors()[n.tensor].error.empty()) {
+  if ((n.kind == NodeKind::TensorData || n.kind == NodeKind::NpyView) &&
+      !s.catalog.tensors()[n.tensor].error.empty()) {
     log_error(s, fmt::format("open of '{}': {}", s.catalog.relative_path(i),
                              s.catalog.tensors()[n.tensor].error));
     fuse_reply_err(req, EIO);
@@ -263,6 +274,35 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
       case NodeKind::TensorSidecar:
         reply_slice(s, req, ino, s.catalog.sidecar_json(s.catalog.tensors()[n.tensor]), size, off);
         return;
+      case NodeKind::NpyView: {
+        const TensorInfo& t = s.catalog.tensors()[n.tensor];
+        if (!t.error.empty()) {
+          fuse_reply_err(req, EIO);
+          return;
+        }
+        const std::string header = TensorCatalog::npy_header(t);
+        const std::uint64_t total = header.size() + t.nbytes;
+        auto start = static_cast<std::uint64_t>(off);
+        if (start >= total) {
+          fuse_reply_buf(req, nullptr, 0);
+          return;
+        }
+        std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(size, total - start));
+        thread_local std::vector<std::byte> buffer;
+        if (buffer.size() < len) buffer.resize(len);
+        std::size_t done = 0;
+        if (start < header.size()) {
+          done = std::min<std::size_t>(len, header.size() - start);
+          std::memcpy(buffer.data(), header.data() + start, done);
+        }
+        if (done < len) {
+          s.reader.read(t, start + done - header.size(),
+                        std::span(buffer.data() + done, len - done));
+        }
+        if (fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len) == 0)
+          account_reply(s, ino, start, len);
+        return;
+      }
       case NodeKind::JsonValue:
         reply_slice(s, req, ino, n.text, size, off);
         return;
@@ -285,6 +325,82 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
     log_error(s, fmt::format("read of '{}': {}", s.catalog.relative_path(i), ex.what()));
     fuse_reply_err(req, EIO);
   }
+}
+
+// Extended attributes of tensor files (raw and .npy): what `getfattr -d` shows.
+std::vector<std::pair<std::string, std::string>> tensor_xattrs(const TensorCatalog& c,
+                                                               const TensorInfo& t) {
+  std::string shape;
+  append_json_int_array(shape, t.shape);
+  std::string key = "[";
+  for (std::size_t i = 0; i < t.key.size(); ++i) {
+    if (i) key += ", ";
+    if (t.key[i].is_number) {
+      key += fmt::format("{}", t.key[i].number);
+    } else {
+      append_json_string(key, t.key[i].text);
+    }
+  }
+  key += "]";
+  std::vector<std::pair<std::string, std::string>> out = {
+      {"user.ckptfs.dtype", std::string(t.dtype.name)},
+      {"user.ckptfs.numpy_dtype", std::string(t.dtype.numpy_dtype)},
+      {"user.ckptfs.shape", shape},
+      {"user.ckptfs.nbytes", fmt::format("{}", t.nbytes)},
+      {"user.ckptfs.key", key},
+  };
+  if (t.storage != kNoStorage) {
+    out.emplace_back("user.ckptfs.storage", c.storages()[t.storage].key);
+    out.emplace_back("user.ckptfs.record", c.storages()[t.storage].record);
+  }
+  if (!t.error.empty()) out.emplace_back("user.ckptfs.error", t.error);
+  return out;
+}
+
+const TensorInfo* tensor_of(const MountState& s, fuse_ino_t ino) {
+  NodeIndex i;
+  if (!node_of(s, ino, i)) return nullptr;
+  const Node& n = s.catalog.node(i);
+  if (n.kind != NodeKind::TensorData && n.kind != NodeKind::NpyView &&
+      n.kind != NodeKind::TensorSidecar)
+    return nullptr;
+  return &s.catalog.tensors()[n.tensor];
+}
+
+// The xattr protocol: size 0 asks for the length; a too-small buffer is ERANGE.
+void reply_xattr_value(fuse_req_t req, const std::string& value, size_t size) {
+  if (size == 0) {
+    fuse_reply_xattr(req, value.size());
+  } else if (size < value.size()) {
+    fuse_reply_err(req, ERANGE);
+  } else {
+    fuse_reply_buf(req, value.data(), value.size());
+  }
+}
+
+void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+  MountState& s = state_of(req);
+  if (const TensorInfo* t = tensor_of(s, ino)) {
+    for (const auto& [k, v] : tensor_xattrs(s.catalog, *t)) {
+      if (k == name) {
+        reply_xattr_value(req, v, size);
+        return;
+      }
+    }
+  }
+  fuse_reply_err(req, ENODATA);
+}
+
+void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
+  MountState& s = state_of(req);
+  std::string names;
+  if (const TensorInfo* t = tensor_of(s, ino)) {
+    for (const auto& kv : tensor_xattrs(s.catalog, *t)) {
+      names += kv.first;
+      names.push_back('\0');
+    }
+  }
+  reply_xattr_value(req, names, size);
 }
 
 void op_statfs(fuse_req_t req, fuse_ino_t) {
@@ -310,6 +426,8 @@ fuse_lowlevel_ops make_ops() {
   ops.open = op_open;
   ops.read = op_read;
   ops.statfs = op_statfs;
+  ops.getxattr = op_getxattr;
+  ops.listxattr = op_listxattr;
   return ops;
 }
 

@@ -122,6 +122,35 @@ class MountedCheckpointTest(unittest.TestCase):
             self.assertEqual(value("hparams/lr.json"), 0.1)
             self.assertTrue(os.path.exists(m.file("hparams/w")))
 
+    def test_npy_views(self):
+        """X.npy is X behind an NPY header: np.load(mmap_mode='r') gives dtype and shape."""
+        for case in ("views", "dtypes"):
+            expected = torch_tensors(torch.load(self.paths[case]))
+            with Mount(self.paths[case]) as m:
+                for e in m.index()["tensors"]:
+                    t = expected[tuple(e["key"])]
+                    arr = np.load(m.file(e["npy"]), mmap_mode="r" if t.numel() else None)
+                    self.assertEqual(arr.shape, tuple(t.shape), e["path"])
+                    self.assertEqual(arr.dtype.str, NUMPY_OF[e["dtype"]], e["path"])
+                    self.assertEqual(np.ascontiguousarray(arr).tobytes(), torch_bytes(t), e["path"])
+                    del arr
+                    # The view adds no blocks: du counts the tensor once.
+                    self.assertEqual(os.stat(m.file(e["npy"])).st_blocks, 0)
+
+    def test_xattrs(self):
+        with Mount(self.paths["lightning"]) as m:
+            f = m.file("optimizer_states/0/state/0/exp_avg")
+            names = set(os.listxattr(f))
+            self.assertLessEqual({"user.ckptfs.dtype", "user.ckptfs.shape", "user.ckptfs.key",
+                                  "user.ckptfs.numpy_dtype", "user.ckptfs.nbytes"}, names)
+            self.assertEqual(os.getxattr(f, "user.ckptfs.dtype"), b"float32")
+            self.assertEqual(json.loads(os.getxattr(f, "user.ckptfs.key")), ["optimizer_states", 0, "state", 0, "exp_avg"])
+            self.assertEqual(json.loads(os.getxattr(f, "user.ckptfs.shape")), [16, 8])
+            self.assertEqual(os.getxattr(f + ".npy", "user.ckptfs.dtype"), b"float32")
+            with self.assertRaises(OSError):
+                os.getxattr(f, "user.ckptfs.nope")
+            self.assertEqual(os.listxattr(m.file("epoch.json")), [])
+
     def test_root_tensor(self):
         path = self.paths["root_tensor"]
         t = torch.load(path)
