@@ -124,35 +124,41 @@ std::string TensorCatalog::npy_header(const TensorInfo& t) {
   return out + dict;
 }
 
+std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset) const {
+  std::string out = "{\n\"format\": ";
+  append_json_string(out, format_);
+  out += ",\n\"tensors\": [";
+  for (std::size_t i = 0; i < subset.size(); ++i) {
+    const TensorInfo& t = tensors_[subset[i]];
+    out += i ? ",\n" : "\n";
+    out += "{\"key\": ";
+    append_key(out, t.key);
+    out += ", \"path\": ";
+    append_json_string(out, t.path);
+    out += ", \"sidecar\": ";
+    append_json_string(out, t.sidecar);
+    out += ", \"npy\": ";
+    append_json_string(out, t.npy);
+    out += ", \"dtype\": ";
+    append_json_string(out, t.dtype.name);
+    out += ", \"shape\": ";
+    append_json_int_array(out, t.shape);
+    out += fmt::format(", \"nbytes\": {}", t.nbytes);
+    if (!t.error.empty()) {
+      out += ", \"error\": ";
+      append_json_string(out, t.error);
+    }
+    out += "}";
+  }
+  out += "\n]\n}\n";
+  return out;
+}
+
 const std::string& TensorCatalog::index_json() const {
   std::call_once(*index_once_, [this] {
-    std::string out = "{\n\"format\": ";
-    append_json_string(out, format_);
-    out += ",\n\"tensors\": [";
-    for (std::size_t i = 0; i < tensors_.size(); ++i) {
-      const TensorInfo& t = tensors_[i];
-      out += i ? ",\n" : "\n";
-      out += "{\"key\": ";
-      append_key(out, t.key);
-      out += ", \"path\": ";
-      append_json_string(out, t.path);
-      out += ", \"sidecar\": ";
-      append_json_string(out, t.sidecar);
-      out += ", \"npy\": ";
-      append_json_string(out, t.npy);
-      out += ", \"dtype\": ";
-      append_json_string(out, t.dtype.name);
-      out += ", \"shape\": ";
-      append_json_int_array(out, t.shape);
-      out += fmt::format(", \"nbytes\": {}", t.nbytes);
-      if (!t.error.empty()) {
-        out += ", \"error\": ";
-        append_json_string(out, t.error);
-      }
-      out += "}";
-    }
-    out += "\n]\n}\n";
-    index_json_ = std::move(out);
+    std::vector<std::uint32_t> all(tensors_.size());
+    for (std::uint32_t i = 0; i < all.size(); ++i) all[i] = i;
+    index_json_ = render_index(all);
   });
   return index_json_;
 }

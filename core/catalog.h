@@ -97,12 +97,17 @@ class TensorCatalog {
   const std::string& format() const { return format_; }
   bool big_endian() const { return big_endian_; }
   const std::vector<std::string>& warnings() const { return warnings_; }
+  // What the container says about its writer ("byteorder record: written by torch >= 2.1").
+  const std::vector<std::string>& provenance() const { return provenance_; }
+  void add_provenance(std::string fact) { provenance_.push_back(std::move(fact)); }
 
   std::string sidecar_json(const TensorInfo& t) const;
   // The NPY (format 1.0, or 2.0 for huge headers) header of |t|'s .npy view; the data follows.
   static std::string npy_header(const TensorInfo& t);
   // Rendered on first use and kept: it is large for big checkpoints and read rarely.
   const std::string& index_json() const;
+  // The same JSON for a subset of tensors (indices into tensors()).
+  std::string render_index(const std::vector<std::uint32_t>& subset) const;
 
   // Bytes a file's stat reports for generated (non-tensor) files.
   std::uint64_t generated_size(NodeIndex i) const;
@@ -117,6 +122,7 @@ class TensorCatalog {
   std::string format_;
   bool big_endian_ = false;
   std::vector<std::string> warnings_;
+  std::vector<std::string> provenance_;
   mutable std::unique_ptr<std::once_flag> index_once_ = std::make_unique<std::once_flag>();
   mutable std::string index_json_;
 };

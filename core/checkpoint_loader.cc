@@ -148,6 +148,19 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
 
   CatalogBuilder builder(arena, catalog, resolver);
   builder.build(root, "torch zip", big_endian);
+  catalog.add_provenance(fmt::format("zip record prefix '{}'", prefix));
+  if (zip.find(prefix + ".format_version") != nullptr) {
+    catalog.add_provenance(".format_version record: written by torch >= 2.7");
+  } else if (zip.find(prefix + "byteorder") != nullptr) {
+    catalog.add_provenance("byteorder record: written by torch >= 2.1");
+  } else {
+    catalog.add_provenance("no byteorder record: written by torch 1.6 - 2.0 (or with it disabled)");
+  }
+  if (zip.find(prefix + ".data/serialization_id") != nullptr)
+    catalog.add_provenance(".data/serialization_id record (torch >= 2.2)");
+  if (big_endian) catalog.add_provenance("big-endian writer: tensors are byte-swapped when read");
+  if (segmented)
+    catalog.add_provenance("some storage records are deflated (re-zipped by another tool)");
   return {std::move(catalog), std::move(segmented)};
 }
 
@@ -273,6 +286,8 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
   TensorCatalog catalog;
   CatalogBuilder builder(arena, catalog, resolver);
   builder.build(root, "torch legacy", false);
+  catalog.add_provenance(
+      "legacy stream: written by torch < 1.6, or with _use_new_zipfile_serialization=False");
   return {std::move(catalog), nullptr};
 }
 

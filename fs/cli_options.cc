@@ -12,6 +12,8 @@ namespace ckptfs {
 
 std::string usage_text() {
   return R"(usage: ckptfs [options] CHECKPOINT MOUNTPOINT
+       ckptfs ls [--json] CHECKPOINT [PATTERN]    list tensors without mounting
+       ckptfs info CHECKPOINT                     summarize without mounting
 
 Mounts a PyTorch checkpoint (torch.save zip or legacy format, or safetensors) read-only
 at MOUNTPOINT: every tensor becomes a raw file (C order, little-endian, its own dtype)

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "byte_source.h"
@@ -18,6 +19,7 @@
 #include "cli_options.h"
 #include "errors.h"
 #include "fuse_server.h"
+#include "inspect_commands.h"
 #include "kernel_invalidator.h"
 #include "memory_budget.h"
 
@@ -182,6 +184,9 @@ int run(const CliOptions& opts) {
 }  // namespace ckptfs
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && (std::string_view(argv[1]) == "ls" || std::string_view(argv[1]) == "info")) {
+    return ckptfs::run_inspect_command(argc, argv);
+  }
   ckptfs::CliParse parsed = ckptfs::parse_cli(argc, argv);
   if (!parsed.options) return parsed.exit_code;
   return ckptfs::run(*parsed.options);
