@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "errors.h"
 #include "json_text.h"
 
 namespace ckptfs {
@@ -155,19 +156,79 @@ std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset
 }
 
 const std::string& TensorCatalog::index_json() const {
-  std::call_once(*index_once_, [this] {
-    std::vector<std::uint32_t> all(tensors_.size());
-    for (std::uint32_t i = 0; i < all.size(); ++i) all[i] = i;
-    index_json_ = render_index(all);
-  });
+  std::call_once(*index_once_, [this] { index_json_ = render_index(listed_); });
   return index_json_;
+}
+
+void TensorCatalog::reroot(const std::string& path) {
+  NodeIndex target = kRoot;
+  std::size_t start = 0;
+  while (start < path.size()) {
+    std::size_t slash = path.find('/', start);
+    std::string part =
+        path.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
+    if (!part.empty()) {
+      target = nodes_[target].kind == NodeKind::Directory ? lookup(target, part) : kNoNode;
+      if (target == kNoNode)
+        throw FormatError(
+            fmt::format("--root '{}': no such directory in the checkpoint's tree", path));
+    }
+    if (slash == std::string::npos) break;
+    start = slash + 1;
+  }
+  if (nodes_[target].kind != NodeKind::Directory) {
+    throw FormatError(fmt::format("--root '{}' is a file, not a directory of the tree", path));
+  }
+  if (target == kRoot) return;
+  const NodeIndex meta = lookup(kRoot, ".ckptfs");
+  // The new root takes index 0 (inode 1). The rest of the old tree becomes unreachable and is
+  // left as it is; only the new root's children and /.ckptfs are relinked.
+  std::swap(nodes_[kRoot], nodes_[target]);
+  nodes_[kRoot].parent = kNoNode;
+  for (NodeIndex c : nodes_[kRoot].children) nodes_[c].parent = kRoot;
+  nodes_[target].children.clear();
+  nodes_[meta].parent = kRoot;
+  nodes_[kRoot].children.push_back(meta);
+  std::sort(nodes_[kRoot].children.begin(), nodes_[kRoot].children.end(),
+            [this](NodeIndex a, NodeIndex b) { return nodes_[a].name < nodes_[b].name; });
+  // Keep the tensors under the new root, with paths relative to it.
+  std::vector<NodeIndex> stack = {kRoot};
+  std::vector<bool> reachable(tensors_.size(), false);
+  while (!stack.empty()) {
+    NodeIndex n = stack.back();
+    stack.pop_back();
+    for (NodeIndex c : nodes_[n].children) {
+      const Node& node = nodes_[c];
+      if (node.kind == NodeKind::Directory) {
+        stack.push_back(c);
+      } else if (node.kind == NodeKind::TensorData || node.kind == NodeKind::TensorSidecar ||
+                 node.kind == NodeKind::NpyView) {
+        TensorInfo& t = tensors_[node.tensor];
+        reachable[node.tensor] = true;
+        (node.kind == NodeKind::TensorData      ? t.path
+         : node.kind == NodeKind::TensorSidecar ? t.sidecar
+                                                : t.npy) = relative_path(c);
+      }
+    }
+  }
+  listed_.clear();
+  for (std::uint32_t i = 0; i < tensors_.size(); ++i) {
+    if (reachable[i]) listed_.push_back(i);
+  }
 }
 
 std::uint64_t TensorCatalog::generated_size(NodeIndex i) const {
   const Node& n = nodes_[i];
   switch (n.kind) {
-    case NodeKind::TensorSidecar:
-      return sidecar_json(tensors_[n.tensor]).size();
+    case NodeKind::TensorSidecar: {
+      std::atomic<std::uint32_t>& cached = sidecar_sizes_[n.tensor];
+      std::uint32_t size = cached.load(std::memory_order_relaxed);
+      if (size == 0) {
+        size = static_cast<std::uint32_t>(sidecar_json(tensors_[n.tensor]).size());
+        cached.store(size, std::memory_order_relaxed);
+      }
+      return size;
+    }
     case NodeKind::JsonValue:
       return n.text.size();
     case NodeKind::IndexFile:

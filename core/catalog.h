@@ -5,6 +5,7 @@
 // from and how the view maps onto it.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -106,6 +107,13 @@ class TensorCatalog {
   static std::string npy_header(const TensorInfo& t);
   // Rendered on first use and kept: it is large for big checkpoints and read rarely.
   const std::string& index_json() const;
+  // Makes the directory at |path| (a path in the tree, e.g. "state_dict") the root; /.ckptfs
+  // moves under it and only the tensors beneath it stay listed. Throws FormatError if |path|
+  // is not a directory of the tree.
+  void reroot(const std::string& path);
+  // Tensors reachable from the root (all, unless rerooted), in checkpoint order.
+  const std::vector<std::uint32_t>& listed() const { return listed_; }
+
   // The same JSON for a subset of tensors (indices into tensors()).
   std::string render_index(const std::vector<std::uint32_t>& subset) const;
 
@@ -123,6 +131,10 @@ class TensorCatalog {
   bool big_endian_ = false;
   std::vector<std::string> warnings_;
   std::vector<std::string> provenance_;
+  std::vector<std::uint32_t> listed_;
+  // Sidecar sizes, computed on first stat: stat of every file in a directory of many tensors
+  // must not render every sidecar each time. 0 = not yet known.
+  mutable std::vector<std::atomic<std::uint32_t>> sidecar_sizes_;
   mutable std::unique_ptr<std::once_flag> index_once_ = std::make_unique<std::once_flag>();
   mutable std::string index_json_;
 };

@@ -702,6 +702,9 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   stats.name = "stats";
   NodeIndex stats_node = add_node(std::move(stats));
   catalog_.nodes_[meta_dir].children = {index_node, stats_node};
+  catalog_.sidecar_sizes_ = std::vector<std::atomic<std::uint32_t>>(catalog_.tensors_.size());
+  catalog_.listed_.resize(catalog_.tensors_.size());
+  for (std::uint32_t i = 0; i < catalog_.listed_.size(); ++i) catalog_.listed_[i] = i;
   auto& rc = catalog_.nodes_[TensorCatalog::kRoot].children;
   rc.push_back(meta_dir);
   std::sort(rc.begin(), rc.end(), [this](NodeIndex a, NodeIndex b) {

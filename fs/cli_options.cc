@@ -23,6 +23,8 @@ all tensors; /.ckptfs/stats shows the memory budget and the cache.
 options:
   --limit-mb N      memory budget in MiB (default 1024, at least 8): the daemon's cache plus
                     the kernel's cached pages of the mounted files (see docs/memory.md)
+  --root PATH       mount only the sub-tree at PATH (e.g. state_dict of a Lightning
+                    checkpoint); index.json then lists only its tensors
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)
   -d, --debug       log every FUSE request to stderr (implies -f)
   -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other)
@@ -34,9 +36,10 @@ Unmount with `fusermount3 -u MOUNTPOINT`, or stop the daemon with SIGINT/SIGTERM
 }
 
 CliParse parse_cli(int argc, char** argv) {
-  enum { kLimitMb = 1000 };
+  enum { kLimitMb = 1000, kRoot };
   static const option kLong[] = {
       {"limit-mb", required_argument, nullptr, kLimitMb},
+      {"root", required_argument, nullptr, kRoot},
       {"foreground", no_argument, nullptr, 'f'},
       {"debug", no_argument, nullptr, 'd'},
       {"help", no_argument, nullptr, 'h'},
@@ -65,6 +68,9 @@ CliParse parse_cli(int argc, char** argv) {
         opts.limit_mb = n;
         break;
       }
+      case kRoot:
+        opts.root = optarg;
+        break;
       case 'f':
         opts.foreground = true;
         break;

@@ -15,6 +15,7 @@ struct CliOptions {
   bool foreground = false;
   bool debug = false;
   std::vector<std::string> fuse_options;  // each a comma-separated -o list
+  std::string root;                       // --root: a directory of the tree to mount as root
 };
 
 // What parsing decided: run with options, or exit now with |exit_code| (help, version, error).

@@ -78,6 +78,7 @@ int run(const CliOptions& opts) {
   try {
     source = std::make_unique<LocalFileSource>(opts.checkpoint);
     loaded = load_checkpoint(*source);
+    if (!opts.root.empty()) loaded.catalog.reroot(opts.root);
   } catch (const CkptError& e) {
     std::fprintf(stderr, "ckptfs: %s: %s\n", opts.checkpoint.c_str(), e.what());
     return 1;

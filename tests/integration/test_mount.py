@@ -151,6 +151,30 @@ class MountedCheckpointTest(unittest.TestCase):
                 os.getxattr(f, "user.ckptfs.nope")
             self.assertEqual(os.listxattr(m.file("epoch.json")), [])
 
+    def test_mount_a_subtree_with_root(self):
+        expected = torch_tensors(torch.load(self.paths["lightning"]))
+        with Mount(self.paths["lightning"], "--root", "state_dict") as m:
+            names = set(os.listdir(m.path))
+            self.assertIn("0.weight", names)
+            self.assertIn(".ckptfs", names)
+            self.assertNotIn("epoch.json", names)
+            index = m.index()["tensors"]
+            want = {k for k in expected if k[0] == "state_dict"}
+            self.assertEqual({tuple(e["key"]) for e in index}, want)  # key paths stay full
+            for e in index:
+                self.assertFalse(e["path"].startswith("state_dict/"))
+                with open(m.file(e["path"]), "rb") as f:
+                    self.assertEqual(f.read(), torch_bytes(expected[tuple(e["key"])]))
+        mnt = tempfile.mkdtemp(prefix="ckptfs-mnt-")
+        try:
+            from ckptfs_testlib import run_ckptfs
+            r = run_ckptfs("--root", "no/such/dir", self.paths["lightning"], mnt)
+            self.assertEqual(r.returncode, 1)
+            self.assertIn("--root", r.stderr)
+            self.assertEqual(len(r.stderr.strip().splitlines()), 1)
+        finally:
+            os.rmdir(mnt)
+
     def test_root_tensor(self):
         path = self.paths["root_tensor"]
         t = torch.load(path)
