@@ -705,11 +705,13 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   catalog_.sidecar_sizes_ = std::vector<std::atomic<std::uint32_t>>(catalog_.tensors_.size());
   catalog_.listed_.resize(catalog_.tensors_.size());
   for (std::uint32_t i = 0; i < catalog_.listed_.size(); ++i) catalog_.listed_[i] = i;
+  // The root's children are already sorted: insert /.ckptfs in place.
   auto& rc = catalog_.nodes_[TensorCatalog::kRoot].children;
-  rc.push_back(meta_dir);
-  std::sort(rc.begin(), rc.end(), [this](NodeIndex a, NodeIndex b) {
-    return catalog_.nodes_[a].name < catalog_.nodes_[b].name;
-  });
+  rc.insert(std::lower_bound(rc.begin(), rc.end(), meta_dir,
+                             [this](NodeIndex a, NodeIndex b) {
+                               return catalog_.nodes_[a].name < catalog_.nodes_[b].name;
+                             }),
+            meta_dir);
 }
 
 }  // namespace ckptfs

@@ -420,20 +420,26 @@ void PickleReader::append_items(ValueId target, std::span<const ValueId> items) 
 }
 
 void PickleReader::memo_put(std::uint64_t index, ValueId id) {
-  if (memo_.size() >= limits_.max_memo && !memo_.contains(index)) fail("memo too large");
+  if (index >= limits_.max_memo) fail(fmt::format("memo index {} is too large", index));
+  if (index >= memo_.size())
+    memo_.resize(std::max<std::size_t>(index + 1, memo_.size() * 2), kNoValue);
+  if (memo_[index] == kNoValue) ++memo_count_;
   memo_[index] = id;
 }
 
 ValueId PickleReader::memo_get(std::uint64_t index) {
-  auto it = memo_.find(index);
-  if (it == memo_.end()) fail(fmt::format("memo key {} was never stored", index));
-  return it->second;
+  if (index >= memo_.size() || memo_[index] == kNoValue)
+    fail(fmt::format("memo key {} was never stored", index));
+  return memo_[index];
 }
 
 ValueId PickleReader::read() {
   stack_.clear();
   marks_.clear();
   memo_.clear();
+  memo_count_ = 0;
+  // Roughly one value per 3 bytes of pickle: reserve once instead of growing by copies.
+  arena_.reserve(arena_.size() + (data_.size() - pos_) / 3);
   for (;;) {
     opcode_pos_ = pos_;
     std::uint8_t op = next_byte();
@@ -761,7 +767,7 @@ ValueId PickleReader::read() {
         memo_put(take_le<std::uint32_t>(), top());
         break;
       case 0x94:  // MEMOIZE
-        memo_put(memo_.size(), top());
+        memo_put(memo_count_, top());
         break;
       case 'g': {  // GET (text)
         std::int64_t idx = 0;

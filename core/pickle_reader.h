@@ -71,7 +71,9 @@ class PickleReader {
   PickleLimits limits_;
   std::vector<ValueId> stack_;
   std::vector<std::size_t> marks_;
-  std::unordered_map<std::uint64_t, ValueId> memo_;
+  std::vector<ValueId>
+      memo_;  // by memo index; kNoValue = never stored (indices are dense in practice)
+  std::size_t memo_count_ = 0;
 };
 
 // Decimal digits of a little-endian two's-complement integer of any length.

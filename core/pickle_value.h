@@ -5,6 +5,7 @@
 // ownership cycles and per-node heap churn.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -57,6 +58,7 @@ class ValueArena {
   Value& operator[](ValueId id) { return values_[id]; }
   const Value& operator[](ValueId id) const { return values_[id]; }
   std::size_t size() const { return values_.size(); }
+  void reserve(std::size_t n) { values_.reserve(std::min(n, max_values_)); }
 
   bool is_global(ValueId id, std::string_view name) const {
     return id != kNoValue && values_[id].kind == ValueKind::Global && values_[id].text == name;

@@ -3,6 +3,7 @@
 // Everything that can fail because of the input happens before the mount, so a bad
 // checkpoint gives one line on stderr and no mount. The mount happens before detaching, so
 // `ckptfs a.pt m && ls m` works and the exit code carries mount errors.
+#include <malloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -87,6 +88,8 @@ int run(const CliOptions& opts) {
                  opts.checkpoint.c_str());
     return 1;
   }
+  // The pickle's value graph is gone; give its heap back before serving for hours.
+  ::malloc_trim(0);
   const TensorCatalog& catalog = loaded.catalog;
   // Tensor bytes come from the file, or from the file plus inflated records.
   const ByteSource& data = loaded.data ? *loaded.data : *source;
