@@ -34,6 +34,39 @@ class ExamplesTest(unittest.TestCase):
                 self.assertAlmostEqual(hi, x.max().item(), places=4)
             self.assertIn("4 tensors", out)
 
+    def mlp_checkpoint(self, tmp, layers=8, width=1024):
+        """A state_dict bigger than the mount's budget: 8 x 4 MiB weights at --limit-mb 8."""
+        path = os.path.join(tmp, "mlp.pt")
+        torch.manual_seed(5)
+        mods = []
+        for i in range(layers):
+            if i:
+                mods.append(torch.nn.ReLU())
+            mods.append(torch.nn.Linear(width, width))
+        torch.save(torch.nn.Sequential(*mods).state_dict(), path)
+        return path
+
+    def test_streamed_linear(self):
+        require_fuse()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.mlp_checkpoint(tmp)
+            with Mount(path, "--limit-mb", "8") as m:
+                r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "examples", "streamed_linear.py"), m.path,
+                                    "--check", path], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            self.assertIn("allclose with the in-memory model: True", r.stdout)
+            self.assertIn("peak RSS", r.stdout)
+
+    def test_load_state_dict(self):
+        require_fuse()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.mlp_checkpoint(tmp)
+            with Mount(path, "--limit-mb", "8") as m:
+                r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "examples", "load_state_dict.py"), m.path,
+                                    "--check", path], capture_output=True, text=True)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            self.assertIn("equal to torch.load: True", r.stdout)
+
 
 if __name__ == "__main__":
     unittest.main()

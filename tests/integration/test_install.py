@@ -1,0 +1,56 @@
+"""cmake --install puts ckptfs, the mount.ckptfs helper and the man page in place, and the
+installed helper mounts like `mount -t ckptfs` would call it (issue #6)."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ckptfs_testlib import BINARY, is_mounted, require_fuse, unmount  # noqa: E402
+
+BUILD = os.path.dirname(os.path.abspath(BINARY))
+
+
+class InstallTest(unittest.TestCase):
+    def test_install_and_mount_helper(self):
+        require_fuse()
+        with tempfile.TemporaryDirectory() as prefix, tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["cmake", "--install", BUILD, "--prefix", prefix], check=True, capture_output=True)
+            for rel in ("bin/ckptfs", "sbin/mount.ckptfs", "share/man/man1/ckptfs.1"):
+                self.assertTrue(os.path.exists(os.path.join(prefix, rel)), rel)
+            ckpt = os.path.join(tmp, "m.pt")
+            torch.save({"state_dict": {"w": torch.arange(6.0)}, "epoch": 1}, ckpt)
+            mnt = os.path.join(tmp, "mnt")
+            os.mkdir(mnt)
+            try:
+                # What mount(8) runs for: mount -t ckptfs m.pt mnt -o limit_mb=16,root=state_dict,nofail
+                r = subprocess.run([os.path.join(prefix, "sbin", "mount.ckptfs"), ckpt, mnt,
+                                    "-o", "rw,limit_mb=16,root=state_dict,nofail"], capture_output=True, text=True)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                self.assertTrue(is_mounted(mnt))
+                self.assertEqual(sorted(os.listdir(mnt)), [".ckptfs", "w", "w.json", "w.npy"])
+                with open(os.path.join(mnt, ".ckptfs", "stats")) as f:
+                    self.assertEqual(json.load(f)["limit_bytes"], 16 << 20)
+            finally:
+                unmount(mnt)
+
+    def test_help_matches_the_docs(self):
+        """Every long option of --help is documented in the guide and the man page."""
+        import re
+        out = subprocess.run([BINARY, "--help"], capture_output=True, text=True, check=True).stdout
+        options = set(re.findall(r"--[a-z][a-z-]+", out))
+        self.assertGreaterEqual(options, {"--limit-mb", "--root", "--foreground", "--debug", "--help", "--version", "--json"})
+        repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+        for doc in ("docs/guide.md", "docs/ckptfs.1"):
+            with open(os.path.join(repo, doc)) as f:
+                text = f.read().replace("\\-", "-")
+            for opt in options:
+                self.assertIn(opt, text, f"{opt} is in --help but not in {doc}")
+
+
+if __name__ == "__main__":
+    unittest.main()
