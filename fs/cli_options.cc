@@ -27,7 +27,8 @@ options:
                     checkpoint); index.json then lists only its tensors
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)
   -d, --debug       log every FUSE request to stderr (implies -f)
-  -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other)
+  -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other);
+                    limit_mb=N and root=PATH there mean --limit-mb and --root
   -h, --help        show this help and exit
   -V, --version     show the version and exit
 
@@ -78,9 +79,33 @@ CliParse parse_cli(int argc, char** argv) {
         opts.debug = true;
         opts.foreground = true;
         break;
-      case 'o':
-        opts.fuse_options.emplace_back(optarg);
+      case 'o': {
+        // mount(8) via mount.fuse3 (`mount -t fuse.ckptfs`, fstab) passes ckptfs's own settings
+        // inside -o: take limit_mb= and root= out, pass the rest to FUSE.
+        std::string rest;
+        std::string_view list = optarg;
+        while (!list.empty()) {
+          std::size_t comma = list.find(',');
+          std::string_view item = list.substr(0, comma);
+          list = comma == std::string_view::npos ? std::string_view{} : list.substr(comma + 1);
+          if (item.starts_with("limit_mb=")) {
+            std::string_view v = item.substr(9);
+            std::uint64_t n = 0;
+            auto r = std::from_chars(v.data(), v.data() + v.size(), n);
+            if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n < 8 || n > (1u << 24)) {
+              std::fprintf(stderr, "ckptfs: limit_mb needs a whole number of MiB from 8 to 16777216\n");
+              return {std::nullopt, 2};
+            }
+            opts.limit_mb = n;
+          } else if (item.starts_with("root=")) {
+            opts.root = std::string(item.substr(5));
+          } else if (!item.empty()) {
+            rest += (rest.empty() ? "" : ",") + std::string(item);
+          }
+        }
+        if (!rest.empty()) opts.fuse_options.push_back(rest);
         break;
+      }
       case 'h':
         std::fputs(usage_text().c_str(), stdout);
         return {std::nullopt, 0};

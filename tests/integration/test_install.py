@@ -38,6 +38,27 @@ class InstallTest(unittest.TestCase):
             finally:
                 unmount(mnt)
 
+    def test_mount_t_fuse_ckptfs(self):
+        """`mount -t fuse.ckptfs` goes through fuse3's mount.fuse3, which runs `ckptfs SRC DIR
+        -o OPTS`: limit_mb= and root= must work inside -o."""
+        require_fuse()
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = os.path.join(tmp, "m.pt")
+            torch.save({"state_dict": {"w": torch.arange(6.0)}}, ckpt)
+            mnt = os.path.join(tmp, "mnt")
+            os.mkdir(mnt)
+            try:
+                # mount(8) resets PATH for helpers, so name the program in fuse's prog#source
+                # form; `-t fuse.ckptfs` runs the same command line with ckptfs from /usr/bin.
+                r = subprocess.run(["mount", "-t", "fuse", f"{os.path.abspath(BINARY)}#{ckpt}", mnt,
+                                    "-o", "limit_mb=16,root=state_dict"], capture_output=True, text=True)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                self.assertEqual(sorted(os.listdir(mnt)), [".ckptfs", "w", "w.json", "w.npy"])
+                with open(os.path.join(mnt, ".ckptfs", "stats")) as f:
+                    self.assertEqual(json.load(f)["limit_bytes"], 16 << 20)
+            finally:
+                unmount(mnt)
+
     def test_help_matches_the_docs(self):
         """Every long option of --help is documented in the guide and the man page."""
         import re
