@@ -40,19 +40,21 @@ void LocalFileSource::pread_fully(int fd, std::uint64_t offset, std::span<std::b
         ::pread(fd, dst.data() + done, dst.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      int err = errno;
-      throw IoError(
-          fmt::format("read error in '{}' at offset {}: {}", path_, offset + done, errno_text(err)),
-          err);
+      throw_read_error(offset + done, errno);
     }
-    if (n == 0) {
-      // The file shrank under us: never hand out a short buffer.
-      throw IoError(
-          fmt::format("'{}' ended at offset {} (truncated while mounted?)", path_, offset + done),
-          EIO);
-    }
+    // The file shrank under us: never hand out a short buffer.
+    if (n == 0) throw_truncated(offset + done);
     done += static_cast<std::size_t>(n);
   }
+}
+
+void LocalFileSource::throw_read_error(std::uint64_t at, int err) const {
+  throw IoError(fmt::format("read error in '{}' at offset {}: {}", path_, at, errno_text(err)),
+                err);
+}
+
+void LocalFileSource::throw_truncated(std::uint64_t at) const {
+  throw IoError(fmt::format("'{}' ended at offset {} (truncated while mounted?)", path_, at), EIO);
 }
 
 void LocalFileSource::read_block(std::uint64_t offset, std::span<std::byte> block,
@@ -78,17 +80,8 @@ void LocalFileSource::read_block(std::uint64_t offset, std::span<std::byte> bloc
         direct_ok_.store(false, std::memory_order_relaxed);
         break;
       }
-      if (n < 0) {
-        int err = errno;
-        throw IoError(fmt::format("read error in '{}' at offset {}: {}", path_, offset + done,
-                                  errno_text(err)),
-                      err);
-      }
-      if (n == 0) {
-        throw IoError(
-            fmt::format("'{}' ended at offset {} (truncated while mounted?)", path_, offset + done),
-            EIO);
-      }
+      if (n < 0) throw_read_error(offset + done, errno);
+      if (n == 0) throw_truncated(offset + done);
       done += static_cast<std::size_t>(n);
     }
     if (done >= length) return;

@@ -68,6 +68,8 @@ class LocalFileSource final : public ByteSource {
 
  private:
   void pread_fully(int fd, std::uint64_t offset, std::span<std::byte> dst) const;
+  [[noreturn]] void throw_read_error(std::uint64_t at, int err) const;
+  [[noreturn]] void throw_truncated(std::uint64_t at) const;
 
   std::string path_;
   UniqueFd fd_;

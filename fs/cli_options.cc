@@ -93,7 +93,8 @@ CliParse parse_cli(int argc, char** argv) {
             std::uint64_t n = 0;
             auto r = std::from_chars(v.data(), v.data() + v.size(), n);
             if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n < 8 || n > (1u << 24)) {
-              std::fprintf(stderr, "ckptfs: limit_mb needs a whole number of MiB from 8 to 16777216\n");
+              std::fprintf(stderr,
+                           "ckptfs: limit_mb needs a whole number of MiB from 8 to 16777216\n");
               return {std::nullopt, 2};
             }
             opts.limit_mb = n;

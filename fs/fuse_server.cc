@@ -240,6 +240,36 @@ void reply_slice(MountState& s, fuse_req_t req, fuse_ino_t ino, std::string_view
     account_reply(s, ino, start, len);
 }
 
+// A tensor file: |header| (empty for the raw file, the NPY header for X.npy) followed by the
+// tensor's bytes. Full length except at end of file: a short read would look like EOF.
+void reply_tensor(MountState& s, fuse_req_t req, fuse_ino_t ino, const TensorInfo& t,
+                  std::string_view header, size_t size, off_t off) {
+  if (!t.error.empty()) {
+    log_error(s, fmt::format("read of '{}': {}", t.path, t.error));
+    fuse_reply_err(req, EIO);
+    return;
+  }
+  const std::uint64_t total = header.size() + t.nbytes;
+  auto start = static_cast<std::uint64_t>(off);
+  if (start >= total) {
+    fuse_reply_buf(req, nullptr, 0);
+    return;
+  }
+  std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(size, total - start));
+  // One reply buffer per worker thread, reused: no allocation or first touch per read.
+  thread_local std::vector<std::byte> buffer;
+  if (buffer.size() < len) buffer.resize(len);
+  std::size_t done = 0;
+  if (start < header.size()) {
+    done = std::min<std::size_t>(len, header.size() - static_cast<std::size_t>(start));
+    std::memcpy(buffer.data(), header.data() + start, done);
+  }
+  if (done < len)
+    s.reader.read(t, start + done - header.size(), std::span(buffer.data() + done, len - done));
+  if (fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len) == 0)
+    account_reply(s, ino, start, len);
+}
+
 void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
   MountState& s = state_of(req);
   NodeIndex i;
@@ -250,59 +280,17 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
   const Node& n = s.catalog.node(i);
   try {
     switch (n.kind) {
-      case NodeKind::TensorData: {
+      case NodeKind::TensorData:
+        reply_tensor(s, req, ino, s.catalog.tensors()[n.tensor], "", size, off);
+        return;
+      case NodeKind::NpyView: {
         const TensorInfo& t = s.catalog.tensors()[n.tensor];
-        if (!t.error.empty()) {
-          log_error(s, fmt::format("read of '{}': {}", t.path, t.error));
-          fuse_reply_err(req, EIO);
-          return;
-        }
-        auto start = static_cast<std::uint64_t>(off);
-        if (start >= t.nbytes) {
-          fuse_reply_buf(req, nullptr, 0);
-          return;
-        }
-        std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(size, t.nbytes - start));
-        // One reply buffer per worker thread, reused: no allocation or first touch per read.
-        thread_local std::vector<std::byte> buffer;
-        if (buffer.size() < len) buffer.resize(len);
-        s.reader.read(t, start, std::span(buffer.data(), len));
-        if (fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len) == 0)
-          account_reply(s, ino, start, len);
+        reply_tensor(s, req, ino, t, TensorCatalog::npy_header(t), size, off);
         return;
       }
       case NodeKind::TensorSidecar:
         reply_slice(s, req, ino, s.catalog.sidecar_json(s.catalog.tensors()[n.tensor]), size, off);
         return;
-      case NodeKind::NpyView: {
-        const TensorInfo& t = s.catalog.tensors()[n.tensor];
-        if (!t.error.empty()) {
-          fuse_reply_err(req, EIO);
-          return;
-        }
-        const std::string header = TensorCatalog::npy_header(t);
-        const std::uint64_t total = header.size() + t.nbytes;
-        auto start = static_cast<std::uint64_t>(off);
-        if (start >= total) {
-          fuse_reply_buf(req, nullptr, 0);
-          return;
-        }
-        std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(size, total - start));
-        thread_local std::vector<std::byte> buffer;
-        if (buffer.size() < len) buffer.resize(len);
-        std::size_t done = 0;
-        if (start < header.size()) {
-          done = std::min<std::size_t>(len, header.size() - start);
-          std::memcpy(buffer.data(), header.data() + start, done);
-        }
-        if (done < len) {
-          s.reader.read(t, start + done - header.size(),
-                        std::span(buffer.data() + done, len - done));
-        }
-        if (fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len) == 0)
-          account_reply(s, ino, start, len);
-        return;
-      }
       case NodeKind::JsonValue:
         reply_slice(s, req, ino, n.text, size, off);
         return;

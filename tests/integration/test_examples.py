@@ -46,27 +46,25 @@ class ExamplesTest(unittest.TestCase):
         torch.save(torch.nn.Sequential(*mods).state_dict(), path)
         return path
 
-    def test_streamed_linear(self):
+    def run_example(self, script):
+        """Runs examples/SCRIPT on a mount of an MLP bigger than --limit-mb, with --check."""
         require_fuse()
         with tempfile.TemporaryDirectory() as tmp:
             path = self.mlp_checkpoint(tmp)
             with Mount(path, "--limit-mb", "8") as m:
-                r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "examples", "streamed_linear.py"), m.path,
-                                    "--check", path], capture_output=True, text=True)
-            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-            self.assertIn("allclose with the in-memory model: True", r.stdout)
-            self.assertIn("peak RSS", r.stdout)
+                r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "examples", script), m.path, "--check", path],
+                                   capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        return r.stdout
+
+    def test_streamed_linear(self):
+        out = self.run_example("streamed_linear.py")
+        self.assertIn("allclose with the in-memory model: True", out)
+        self.assertIn("peak RSS", out)
 
     def test_load_state_dict(self):
-        require_fuse()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = self.mlp_checkpoint(tmp)
-            with Mount(path, "--limit-mb", "8") as m:
-                r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "examples", "load_state_dict.py"), m.path,
-                                    "--check", path], capture_output=True, text=True)
-            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-            self.assertIn("equal to torch.load: True", r.stdout)
-
+        out = self.run_example("load_state_dict.py")
+        self.assertIn("equal to torch.load: True", out)
 
 if __name__ == "__main__":
     unittest.main()
