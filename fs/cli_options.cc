@@ -25,6 +25,8 @@ options:
                     the kernel's cached pages of the mounted files (see docs/memory.md)
   --root PATH       mount only the sub-tree at PATH (e.g. state_dict of a Lightning
                     checkpoint); index.json then lists only its tensors
+  --readahead-kb N  kernel readahead for the mount (root only; default: the kernel's 128):
+                    1024 makes sequential and memmap reads arrive as 1 MiB requests
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)
   -d, --debug       log every FUSE request to stderr (implies -f)
   -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other);
@@ -37,10 +39,11 @@ Unmount with `fusermount3 -u MOUNTPOINT`, or stop the daemon with SIGINT/SIGTERM
 }
 
 CliParse parse_cli(int argc, char** argv) {
-  enum { kLimitMb = 1000, kRoot };
+  enum { kLimitMb = 1000, kRoot, kReadahead };
   static const option kLong[] = {
       {"limit-mb", required_argument, nullptr, kLimitMb},
       {"root", required_argument, nullptr, kRoot},
+      {"readahead-kb", required_argument, nullptr, kReadahead},
       {"foreground", no_argument, nullptr, 'f'},
       {"debug", no_argument, nullptr, 'd'},
       {"help", no_argument, nullptr, 'h'},
@@ -72,6 +75,19 @@ CliParse parse_cli(int argc, char** argv) {
       case kRoot:
         opts.root = optarg;
         break;
+      case kReadahead: {
+        std::string_view v = optarg;
+        std::uint32_t n = 0;
+        auto r = std::from_chars(v.data(), v.data() + v.size(), n);
+        if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n < 4 || n > 65536) {
+          std::fprintf(stderr,
+                       "ckptfs: --readahead-kb needs a number of KiB from 4 to 65536, not '%s'\n",
+                       optarg);
+          return {std::nullopt, 2};
+        }
+        opts.readahead_kb = n;
+        break;
+      }
       case 'f':
         opts.foreground = true;
         break;

@@ -409,8 +409,13 @@ void op_statfs(fuse_req_t req, fuse_ino_t) {
   fuse_reply_statfs(req, &sv);
 }
 
+void op_init(void* userdata, fuse_conn_info*) {
+  static_cast<MountState*>(userdata)->initialized = true;
+}
+
 fuse_lowlevel_ops make_ops() {
   fuse_lowlevel_ops ops{};
+  ops.init = op_init;
   ops.lookup = op_lookup;
   ops.getattr = op_getattr;
   ops.opendir = op_opendir;

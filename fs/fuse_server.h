@@ -29,6 +29,7 @@ struct MountState {
   uid_t uid = 0;
   gid_t gid = 0;
   std::atomic<std::uint64_t> read_errors{0};
+  std::atomic<bool> initialized{false};  // the kernel's INIT has been answered
   std::atomic<std::uint64_t> logged_errors{0};
 
   MountState(const TensorCatalog& c, const ByteSource& src, BlockCache& b, KernelPageLedger& l)

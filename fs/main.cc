@@ -5,14 +5,18 @@
 // `ckptfs a.pt m && ls m` works and the exit code carries mount errors.
 #include <malloc.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "byte_source.h"
@@ -65,6 +69,75 @@ class MountGuard {
   fuse_session* se_;
 };
 
+// The kernel sizes buffered and mmap READs by the mount's bdi readahead (128 KiB by default);
+// only root may raise it, through sysfs, once the mount exists. The mount's device number comes
+// from /proc/self/mountinfo, never from stat(): the request loop is not running yet, so any
+// access to the mount itself would wait for this very thread. |canonical| is the mountpoint
+// resolved before mounting. A failure is a warning: the mount works, with smaller requests.
+bool set_readahead(const std::string& canonical, std::uint32_t kb) {
+  auto unescape = [](const std::string& s) {  // mountinfo writes ' ', '\t', '\n', '\\' as \ooo
+    std::string out;
+    for (std::size_t i = 0; i < s.size(); ++i) {
+      auto octal = [&](std::size_t k) { return s[k] >= '0' && s[k] <= '7'; };
+      if (s[i] == '\\' && i + 3 < s.size() && octal(i + 1) && octal(i + 2) && octal(i + 3)) {
+        out.push_back(
+            static_cast<char>((s[i + 1] - '0') * 64 + (s[i + 2] - '0') * 8 + (s[i + 3] - '0')));
+        i += 3;
+      } else {
+        out.push_back(s[i]);
+      }
+    }
+    return out;
+  };
+  std::string device;
+  if (std::FILE* f = std::fopen("/proc/self/mountinfo", "r")) {
+    char line[8192];
+    while (std::fgets(line, sizeof line, f) != nullptr) {
+      // id parent major:minor root mountpoint ...
+      char dev[64], root[4096], point[4096];
+      if (std::sscanf(line, "%*s %*s %63s %4095s %4095s", dev, root, point) == 3 &&
+          unescape(point) == canonical) {
+        device = dev;  // the last match is the newest mount on that path
+      }
+    }
+    std::fclose(f);
+  }
+  if (device.empty()) return false;
+  std::string path = "/sys/class/bdi/" + device + "/read_ahead_kb";
+  unsigned now = 0;
+  if (std::FILE* r = std::fopen(path.c_str(), "r")) {
+    bool same = std::fscanf(r, "%u", &now) == 1 && now == kb;
+    std::fclose(r);
+    if (same) return true;
+  }
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  bool ok = f != nullptr && std::fprintf(f, "%u\n", kb) > 0;
+  if (f != nullptr) ok = (std::fclose(f) == 0) && ok;
+  if (std::FILE* r = std::fopen(path.c_str(), "r")) {
+    ok = ok && std::fscanf(r, "%u", &now) == 1 && now == kb;
+    std::fclose(r);
+  }
+  return ok;
+}
+
+// The kernel sets the readahead from the INIT reply, which the request loop sends: the value is
+// written after that, from a helper thread that never touches the mount.
+std::thread readahead_setter(const MountState& state, std::string canonical, std::uint32_t kb) {
+  return std::thread([&state, canonical = std::move(canonical), kb] {
+    for (int i = 0; i < 500 && !state.initialized; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    // The kernel applies the INIT reply just after it is sent; keep the value in place for a
+    // moment so that a late application cannot undo it.
+    bool took = false;
+    for (int tick = 0; tick < 200 && state.initialized; ++tick) {
+      took = set_readahead(canonical, kb) || took;  // fails harmlessly once unmounted
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (took) return;
+    std::fprintf(stderr, "ckptfs: warning: could not set --readahead-kb %u (needs root)\n", kb);
+  });
+}
+
 std::string fsname_for(const std::string& path) {
   std::string s = path;
   for (char& c : s) {
@@ -111,6 +184,13 @@ int run(const CliOptions& opts) {
   if (!S_ISDIR(mst.st_mode)) {
     std::fprintf(stderr, "ckptfs: mountpoint '%s' is not a directory\n", opts.mountpoint.c_str());
     return 1;
+  }
+  // Resolved now, while resolving it cannot enter our own (not yet served) mount.
+  std::string canonical_mountpoint = opts.mountpoint;
+  if (std::unique_ptr<char, decltype(&std::free)> real(::realpath(opts.mountpoint.c_str(), nullptr),
+                                                       &std::free);
+      real) {
+    canonical_mountpoint = real.get();
   }
 
   // Reading data.pkl and the zip directory left checkpoint pages in the page cache; from
@@ -171,12 +251,16 @@ int run(const CliOptions& opts) {
   }
 
   invalidator.start();  // after fuse_daemonize: threads do not survive its fork
+  std::thread readahead;
+  if (opts.readahead_kb != 0)
+    readahead = readahead_setter(state, canonical_mountpoint, opts.readahead_kb);
 
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(cfg, 0);
   fuse_loop_cfg_set_max_threads(cfg, 16);
   int rc = fuse_session_loop_mt(se.get(), cfg);
   fuse_loop_cfg_destroy(cfg);
+  if (readahead.joinable()) readahead.join();
   guard.unmount();
   invalidator.stop();
   // libfuse reports an exit by SIGINT/SIGTERM/SIGHUP as the (positive) signal number: that is

@@ -59,6 +59,39 @@ class InstallTest(unittest.TestCase):
             finally:
                 unmount(mnt)
 
+    def test_readahead(self):
+        """--readahead-kb sets the mount's bdi readahead after INIT (which would reset it), and
+        never stalls the mount: its device number comes from mountinfo, not from stat()."""
+        require_fuse()
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = os.path.join(tmp, "m.pt")
+            t = torch.randn(300000)
+            torch.save({"w": t}, ckpt)
+            mnt = os.path.join(tmp, "mnt with space")
+            os.mkdir(mnt)
+            try:
+                r = subprocess.run([BINARY, "--readahead-kb", "1024", ckpt, mnt], capture_output=True, text=True,
+                                   timeout=30)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                with open(os.path.join(mnt, "w"), "rb") as f:
+                    self.assertEqual(f.read(), t.numpy().tobytes())
+                escaped = mnt.replace(" ", "\\040")
+                with open("/proc/self/mountinfo") as f:
+                    dev = [line.split()[2] for line in f if line.split()[4] == escaped][-1]
+                # Set by a helper thread once INIT is answered: allow it a moment.
+                import time
+                deadline = time.monotonic() + 3
+                while True:
+                    with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
+                        value = int(f.read())
+                    if value == 1024 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+                self.assertEqual(value, 1024)
+                self.assertTrue(is_mounted(mnt))  # paths with spaces are recognised (teardown)
+            finally:
+                unmount(mnt)
+
     def test_help_matches_the_docs(self):
         """Every long option of --help is documented in the guide and the man page."""
         import re
