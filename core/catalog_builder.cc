@@ -392,6 +392,11 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
     kids = std::move(unique);
   }
 
+  fill_entries(dir, kids, key, depth);
+}
+
+void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
+                                  std::vector<KeyPart>& key, int depth) {
   struct Pending {
     const Child* child;
     enum { Tensor, Dir, Json } what;
@@ -653,28 +658,18 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   r.kind = NodeKind::Directory;
   r.parent = kNoNode;
   add_node(std::move(r));
-  // The root object itself is rarely a leaf; if it is, wrap it so that the tree has one file.
-  ValueId top = root;
+  // The root object is rarely anything but a container; if it is a tensor or a leaf, the root
+  // directory holds it as one entry, "tensor" or "value".
+  std::vector<KeyPart> key_path;
   if (!is_container(root) && !(arena_[root].kind == ValueKind::Object && contains_tensor(root, 0) &&
                                !parse_tensor(root, 0))) {
-    Value wrapper;
-    wrapper.kind = ValueKind::Dict;
-    Value name;
-    name.kind = ValueKind::Str;
+    KeyPart name;
     name.text = parse_tensor(root, 0) ? "tensor" : "value";
-    // The arena is const here; a synthetic one-entry dict lives in a private arena copy.
-    ValueArena local = arena_;
-    ValueId key = local.add(std::move(name));
-    wrapper.items = {key, root};
-    top = local.add(std::move(wrapper));
-    CatalogBuilder sub(local, catalog_, resolve_);
-    std::vector<KeyPart> key_path;
-    sub.fill_directory(TensorCatalog::kRoot, top, key_path, 0);
-    // The synthetic key is not part of the checkpoint's key path.
+    fill_entries(TensorCatalog::kRoot, {Child{name, root}}, key_path, 0);
+    // The synthetic name is not part of the checkpoint's key path.
     for (TensorInfo& t : catalog_.tensors_) t.key.clear();
   } else {
-    std::vector<KeyPart> key_path;
-    fill_directory(TensorCatalog::kRoot, top, key_path, 0);
+    fill_directory(TensorCatalog::kRoot, root, key_path, 0);
   }
 
   // /.ckptfs holds files about the mount itself.

@@ -53,6 +53,9 @@ class CatalogBuilder {
   std::vector<Child> children_of(ValueId v) const;
   KeyPart key_part(ValueId key) const;
   void fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPart>& key, int depth);
+  // Names and adds |kids| (already deduplicated) to |dir|.
+  void fill_entries(NodeIndex dir, const std::vector<Child>& kids, std::vector<KeyPart>& key,
+                    int depth);
   NodeIndex add_node(Node n);
   void render(std::string& out, ValueId v, int depth, std::vector<ValueId>& on_path);
   std::string render_json(ValueId v);
