@@ -73,8 +73,8 @@ class MountGuard {
 // only root may raise it, through sysfs, once the mount exists. The mount's device number comes
 // from /proc/self/mountinfo, never from stat(): the request loop is not running yet, so any
 // access to the mount itself would wait for this very thread. |canonical| is the mountpoint
-// resolved before mounting. A failure is a warning: the mount works, with smaller requests.
-bool set_readahead(const std::string& canonical, std::uint32_t kb) {
+// resolved before mounting. Returns the bdi's sysfs directory, or "" if the mount is not found.
+std::string mount_bdi(const std::string& canonical) {
   auto unescape = [](const std::string& s) {  // mountinfo writes ' ', '\t', '\n', '\\' as \ooo
     std::string out;
     for (std::size_t i = 0; i < s.size(); ++i) {
@@ -102,35 +102,38 @@ bool set_readahead(const std::string& canonical, std::uint32_t kb) {
     }
     std::fclose(f);
   }
-  if (device.empty()) return false;
-  std::string path = "/sys/class/bdi/" + device + "/read_ahead_kb";
-  unsigned now = 0;
-  if (std::FILE* r = std::fopen(path.c_str(), "r")) {
-    bool same = std::fscanf(r, "%u", &now) == 1 && now == kb;
-    std::fclose(r);
-    if (same) return true;
-  }
+  return device.empty() ? "" : "/sys/class/bdi/" + device;
+}
+
+// Makes |bdi|'s read_ahead_kb |kb| (writing only when it differs); true when it reads back so.
+bool set_readahead(const std::string& bdi, std::uint32_t kb) {
+  const std::string path = bdi + "/read_ahead_kb";
+  auto current = [&path] {
+    unsigned now = 0;
+    std::FILE* r = std::fopen(path.c_str(), "r");
+    bool ok = r != nullptr && std::fscanf(r, "%u", &now) == 1;
+    if (r != nullptr) std::fclose(r);
+    return ok ? now : 0u;
+  };
+  if (current() == kb) return true;
   std::FILE* f = std::fopen(path.c_str(), "w");
-  bool ok = f != nullptr && std::fprintf(f, "%u\n", kb) > 0;
-  if (f != nullptr) ok = (std::fclose(f) == 0) && ok;
-  if (std::FILE* r = std::fopen(path.c_str(), "r")) {
-    ok = ok && std::fscanf(r, "%u", &now) == 1 && now == kb;
-    std::fclose(r);
-  }
-  return ok;
+  if (f == nullptr) return false;
+  bool written = std::fprintf(f, "%u\n", kb) > 0;
+  written = (std::fclose(f) == 0) && written;
+  return written && current() == kb;
 }
 
 // The kernel sets the readahead from the INIT reply, which the request loop sends: the value is
 // written after that, from a helper thread that never touches the mount.
-std::thread readahead_setter(const MountState& state, std::string canonical, std::uint32_t kb) {
-  return std::thread([&state, canonical = std::move(canonical), kb] {
+std::thread readahead_setter(const MountState& state, std::string bdi, std::uint32_t kb) {
+  return std::thread([&state, bdi = std::move(bdi), kb] {
     for (int i = 0; i < 500 && !state.initialized; ++i)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     // The kernel applies the INIT reply just after it is sent; keep the value in place for a
     // moment so that a late application cannot undo it.
     bool took = false;
-    for (int tick = 0; tick < 200 && state.initialized; ++tick) {
-      took = set_readahead(canonical, kb) || took;  // fails harmlessly once unmounted
+    for (int tick = 0; !bdi.empty() && tick < 200 && state.initialized; ++tick) {
+      took = set_readahead(bdi, kb) || took;  // fails harmlessly once unmounted
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     if (took) return;
@@ -245,6 +248,7 @@ int run(const CliOptions& opts) {
     return 1;
   }
   MountGuard guard(se.get());
+  const std::string bdi = opts.readahead_kb != 0 ? mount_bdi(canonical_mountpoint) : "";
   if (fuse_daemonize(opts.foreground ? 1 : 0) != 0) {
     std::fprintf(stderr, "ckptfs: could not detach\n");
     return 1;
@@ -252,8 +256,7 @@ int run(const CliOptions& opts) {
 
   invalidator.start();  // after fuse_daemonize: threads do not survive its fork
   std::thread readahead;
-  if (opts.readahead_kb != 0)
-    readahead = readahead_setter(state, canonical_mountpoint, opts.readahead_kb);
+  if (opts.readahead_kb != 0) readahead = readahead_setter(state, bdi, opts.readahead_kb);
 
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(cfg, 0);
