@@ -106,6 +106,28 @@ class Mount:
             return json.load(f)
 
 
+class ReaderProcess:
+    """reader_worker.py in a child process: it prints "ready", waits for go() (so a baseline can
+    be taken first), then prints one JSON line that result() returns."""
+
+    WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reader_worker.py")
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(["/usr/bin/python3", self.WORKER, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.pid = self.proc.pid
+
+    def go(self):
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout=600):
+        out, _ = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, f"reader failed with {self.proc.returncode}"
+        return json.loads(out.strip().splitlines()[-1])
+
+
 def run_ckptfs(*args, timeout=60):
     return subprocess.run([BINARY, *args], capture_output=True, text=True, timeout=timeout)
 

@@ -6,7 +6,6 @@ byte read is right."""
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -15,43 +14,14 @@ import unittest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ckptfs_testlib import Mount, require_fuse  # noqa: E402
-from memory_probe import MIB, Sampler, proc_status, pss_file, system_cached  # noqa: E402
+from ckptfs_testlib import Mount, ReaderProcess, require_fuse  # noqa: E402
+from memory_probe import MIB, Sampler, drop_file_cache, proc_status, pss_file, system_cached  # noqa: E402
 
 CHECKPOINT_MIB = 512
 LIMIT_MIB = 64
 # docs/memory.md: in-flight replies and reply buffers (16 workers x up to 1 MiB), the batch
 # below budget the invalidator aims for, and sampling lag.
 SLACK_MIB = 24
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reader_worker.py")
-
-
-def drop_file_cache(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-class ReaderProcess:
-    def __init__(self, *args):
-        self.proc = subprocess.Popen(["/usr/bin/python3", WORKER, *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "ready"
-        self.pid = self.proc.pid
-
-    def go(self):
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-    def result(self, timeout=600):
-        out, _ = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == 0, f"reader failed with {self.proc.returncode}"
-        return json.loads(out.strip().splitlines()[-1])
-
-
 class MemoryContractTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

@@ -5,7 +5,6 @@ runs all along), the daemon must survive, and its counters must add up."""
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -14,10 +13,9 @@ import unittest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ckptfs_testlib import Mount, is_mounted, require_fuse, torch_bytes, torch_tensors  # noqa: E402
+from ckptfs_testlib import Mount, ReaderProcess, is_mounted, require_fuse, torch_bytes, torch_tensors  # noqa: E402
 from memory_probe import MIB  # noqa: E402
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reader_worker.py")
 SECONDS = float(os.environ.get("CKPTFS_STRESS_SECONDS", "8"))
 PROCESSES = 3
 THREADS = 3
@@ -50,19 +48,13 @@ class StressTest(unittest.TestCase):
         with Mount(self.path, "--limit-mb", str(LIMIT_MIB)) as m:
             by_path = {e["path"]: tuple(e["key"]) for e in m.index()["tensors"]}
             start = time.monotonic()
-            procs = [subprocess.Popen(["/usr/bin/python3", WORKER, "random", m.path, str(SECONDS), str(seed), str(THREADS)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                     for seed in range(PROCESSES)]
-            for p in procs:
-                self.assertEqual(p.stdout.readline().strip(), "ready")
-                p.stdin.write("go\n")
-                p.stdin.flush()
+            readers = [ReaderProcess("random", m.path, str(SECONDS), str(seed), str(THREADS)) for seed in range(PROCESSES)]
+            for r in readers:
+                r.go()
             checks = []
-            for p in procs:
+            for r in readers:
                 # A deadlock would show here: the readers must finish shortly after SECONDS.
-                out, _ = p.communicate(timeout=SECONDS + 120)
-                self.assertEqual(p.returncode, 0)
-                checks += json.loads(out.strip().splitlines()[-1])["checks"]
+                checks += r.result(timeout=SECONDS + 120)["checks"]
             elapsed = time.monotonic() - start
             with open(m.file(".ckptfs/stats")) as f:
                 stats = json.load(f)
