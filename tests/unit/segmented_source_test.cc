@@ -8,23 +8,11 @@
 #include <vector>
 
 #include "errors.h"
+#include "memory_source.h"
 
 using namespace ckptfs;
 
 namespace {
-
-class VectorSource final : public ByteSource {
- public:
-  explicit VectorSource(std::vector<std::byte> d) : data_(std::move(d)) {}
-  std::uint64_t size() const override { return data_.size(); }
-  void read_at(std::uint64_t offset, std::span<std::byte> dst) const override {
-    if (offset + dst.size() > data_.size()) throw IoError("past end", 5);
-    std::memcpy(dst.data(), data_.data() + offset, dst.size());
-  }
-  std::timespec mtime() const override { return {}; }
-  std::string describe() const override { return "vector"; }
-  std::vector<std::byte> data_;
-};
 
 std::vector<std::byte> random_bytes(std::size_t n, unsigned seed, int alphabet) {
   std::mt19937 rng(seed);
@@ -54,7 +42,7 @@ TEST_CASE("inflated records serve any range, forwards and backwards") {
   auto packed = raw_deflate(plain);
   std::vector<std::byte> file(100 + packed.size(), std::byte{0xAA});  // data starts at offset 100
   for (std::size_t i = 0; i < packed.size(); ++i) file[100 + i] = packed[i];
-  VectorSource src(file);
+  MemorySource src(file);
   InflatedRecord rec(src, 100, packed.size(), plain.size(), "rec");
   std::mt19937 rng(2);
   for (int i = 0; i < 200; ++i) {
@@ -74,7 +62,7 @@ TEST_CASE("corrupt or short deflate data is an IoError, never a crash") {
   for (int i = 0; i < 200; ++i) {
     auto bad = packed;
     for (int k = 0; k < 4; ++k) bad[rng() % bad.size()] = static_cast<std::byte>(rng());
-    VectorSource src(bad);
+    MemorySource src(bad);
     InflatedRecord rec(src, 0, bad.size(), plain.size(), "bad");
     std::vector<std::byte> buf(plain.size());
     try {
@@ -82,7 +70,7 @@ TEST_CASE("corrupt or short deflate data is an IoError, never a crash") {
     } catch (const IoError&) {
     }
   }
-  VectorSource shorter(std::vector<std::byte>(
+  MemorySource shorter(std::vector<std::byte>(
       packed.begin(), packed.begin() + static_cast<std::ptrdiff_t>(packed.size() / 2)));
   InflatedRecord rec(shorter, 0, packed.size() / 2, plain.size(), "short");
   std::vector<std::byte> buf(plain.size());
@@ -91,10 +79,10 @@ TEST_CASE("corrupt or short deflate data is an IoError, never a crash") {
 
 TEST_CASE("segments sit after the file at aligned offsets; gaps read as zeros") {
   auto file_bytes = random_bytes(5000, 5, 256);
-  VectorSource file(file_bytes);
+  MemorySource file(file_bytes);
   SegmentedSource seg(file);
   auto extra = random_bytes(3000, 6, 256);
-  std::uint64_t at = seg.append(std::make_unique<VectorSource>(extra));
+  std::uint64_t at = seg.append(std::make_unique<MemorySource>(extra));
   CHECK(at == SegmentedSource::kAlign);
   CHECK(seg.size() == at + extra.size());
   std::vector<std::byte> all(seg.size());
