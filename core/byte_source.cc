@@ -34,6 +34,7 @@ LocalFileSource::LocalFileSource(const std::string& path) : path_(path) {
 }
 
 void LocalFileSource::pread_fully(int fd, std::uint64_t offset, std::span<std::byte> dst) const {
+  if (changed_.load(std::memory_order_relaxed)) check_unchanged();
   std::size_t done = 0;
   while (done < dst.size()) {
     ssize_t n =
@@ -54,7 +55,24 @@ void LocalFileSource::throw_read_error(std::uint64_t at, int err) const {
 }
 
 void LocalFileSource::throw_truncated(std::uint64_t at) const {
+  check_unchanged();  // a truncation is a change: say so rather than "ended at"
   throw IoError(fmt::format("'{}' ended at offset {} (truncated while mounted?)", path_, at), EIO);
+}
+
+void LocalFileSource::check_unchanged() const {
+  if (!changed_.load(std::memory_order_relaxed)) {
+    struct stat st {};
+    if (::fstat(fd_.get(), &st) != 0) throw_read_error(0, errno);
+    if (static_cast<std::uint64_t>(st.st_size) == size_ && st.st_mtim.tv_sec == mtime_.tv_sec &&
+        st.st_mtim.tv_nsec == mtime_.tv_nsec) {
+      return;
+    }
+    changed_.store(true, std::memory_order_relaxed);
+  }
+  throw IoError(fmt::format("'{}' was modified after it was opened (size or mtime changed); "
+                            "its bytes no longer match the catalog: remount to see the new file",
+                            path_),
+                EIO);
 }
 
 void LocalFileSource::read_block(std::uint64_t offset, std::span<std::byte> block,
@@ -84,11 +102,15 @@ void LocalFileSource::read_block(std::uint64_t offset, std::span<std::byte> bloc
       if (n == 0) throw_truncated(offset + done);
       done += static_cast<std::size_t>(n);
     }
-    if (done >= length) return;
+    if (done >= length) {
+      check_unchanged();
+      return;
+    }
   }
   pread_fully(fd_.get(), offset, block.first(length));
   ::posix_fadvise(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(length),
                   POSIX_FADV_DONTNEED);
+  check_unchanged();
 }
 
 void LocalFileSource::drop_cache() const {
@@ -102,6 +124,7 @@ void LocalFileSource::read_at(std::uint64_t offset, std::span<std::byte> dst) co
                   EIO);
   }
   pread_fully(fd_.get(), offset, dst);
+  check_unchanged();
 }
 
 }  // namespace ckptfs

@@ -46,6 +46,10 @@ class ByteSource {
 
   // How block reads avoid double caching, for /.ckptfs/stats.
   virtual std::string cache_mode() const { return "none"; }
+
+  // True once the source was seen to change after it was opened; from then on every read
+  // throws IoError, since the catalog no longer describes its bytes.
+  virtual bool changed() const { return false; }
 };
 
 // A regular local file read with pread(2).
@@ -63,6 +67,10 @@ class LocalFileSource final : public ByteSource {
   void drop_cache() const override;
   // "O_DIRECT" when the filesystem takes direct I/O, else "fadvise(DONTNEED)".
   std::string cache_mode() const override { return direct_ok_ ? "O_DIRECT" : "fadvise(DONTNEED)"; }
+  // A write to the file (size or mtime differ from open time) is noticed by the first read
+  // that follows it. Unlinking or renaming the file is not a change: the open fd keeps the
+  // same bytes. The check runs after each read, so bytes that raced with a write are refused.
+  bool changed() const override { return changed_.load(std::memory_order_relaxed); }
 
   static constexpr std::size_t kDirectAlign = 4096;
 
@@ -70,11 +78,13 @@ class LocalFileSource final : public ByteSource {
   void pread_fully(int fd, std::uint64_t offset, std::span<std::byte> dst) const;
   [[noreturn]] void throw_read_error(std::uint64_t at, int err) const;
   [[noreturn]] void throw_truncated(std::uint64_t at) const;
+  void check_unchanged() const;
 
   std::string path_;
   UniqueFd fd_;
   UniqueFd direct_;  // the same file opened with O_DIRECT, when the filesystem allows it
   mutable std::atomic<bool> direct_ok_{false};
+  mutable std::atomic<bool> changed_{false};
   std::uint64_t size_ = 0;
   std::timespec mtime_{};
 };

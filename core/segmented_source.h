@@ -30,6 +30,7 @@ class SegmentedSource final : public ByteSource {
   std::string describe() const override { return file_.describe(); }
   void drop_cache() const override { file_.drop_cache(); }
   std::string cache_mode() const override { return file_.cache_mode(); }
+  bool changed() const override { return file_.changed(); }
 
   static constexpr std::uint64_t kAlign = 1u << 20;
 

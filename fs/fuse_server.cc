@@ -448,13 +448,14 @@ std::string render_stats(const MountState& state) {
       "  \"lookups\": {},\n  \"hits\": {},\n  \"misses\": {},\n  \"evictions\": {},\n"
       "  \"invalidations\": {},\n  \"invalidated_bytes\": {},\n"
       "  \"bytes_read_from_checkpoint\": {},\n  \"checkpoint_cache_mode\": \"{}\",\n"
-      "  \"checkpoint_read_errors\": {},\n  \"read_errors\": {},\n"
+      "  \"checkpoint_read_errors\": {},\n  \"checkpoint_changed\": {},\n"
+      "  \"read_errors\": {},\n"
       "  \"tensors\": {},\n  \"storages\": {}\n}}\n",
       state.limit_bytes, c.limit_bytes, state.ledger.budget(), c.resident_bytes, kernel,
       c.resident_bytes + kernel, c.block_size, c.blocks, c.hits + c.misses, c.hits, c.misses,
       c.evictions, invalidations, invalidated, c.bytes_read, state.source.cache_mode(),
-      c.read_errors, state.read_errors.load(), state.catalog.tensors().size(),
-      state.catalog.storages().size());
+      c.read_errors, state.source.changed(), state.read_errors.load(),
+      state.catalog.tensors().size(), state.catalog.storages().size());
 }
 
 }  // namespace ckptfs

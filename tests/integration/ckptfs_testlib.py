@@ -61,11 +61,13 @@ def unmount(path, proc=None):
 
 
 class Mount:
-    """Runs `ckptfs -f CHECKPOINT DIR` for the duration of a with-block."""
+    """Runs `ckptfs -f CHECKPOINT DIR` for the duration of a with-block (|env|: the daemon's
+    environment, e.g. with LD_PRELOAD for fault injection)."""
 
-    def __init__(self, checkpoint, *args):
+    def __init__(self, checkpoint, *args, env=None):
         self.checkpoint = checkpoint
         self.args = list(args)
+        self.env = env
         self.path = None
         self.proc = None
         self.stderr_text = ""
@@ -75,7 +77,7 @@ class Mount:
         self.path = tempfile.mkdtemp(prefix="ckptfs-mnt-")
         self.stderr_file = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([BINARY, "-f", *self.args, self.checkpoint, self.path],
-                                     stdout=subprocess.DEVNULL, stderr=self.stderr_file)
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr_file, env=self.env)
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
         while not is_mounted(self.path):
             if self.proc.poll() is not None:
@@ -105,6 +107,10 @@ class Mount:
         with open(self.file(".ckptfs/index.json")) as f:
             return json.load(f)
 
+    def stats(self):
+        with open(self.file(".ckptfs/stats")) as f:
+            return json.load(f)
+
 
 class ReaderProcess:
     """reader_worker.py in a child process: it prints "ready", waits for go() (so a baseline can
@@ -112,9 +118,9 @@ class ReaderProcess:
 
     WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reader_worker.py")
 
-    def __init__(self, *args):
+    def __init__(self, *args, stderr=None):
         self.proc = subprocess.Popen(["/usr/bin/python3", self.WORKER, *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=stderr, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
         self.pid = self.proc.pid
 
