@@ -138,6 +138,15 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
           r.storage.offset = data;
         }
         r.storage.nbytes = e->size;
+        // torch sizes the storage by the numel it declares, not by the record: a declared size
+        // below the record's limits what views may use (torch.load refuses larger views too).
+        if (arena[t.items[4]].kind == ValueKind::Int && arena[t.items[4]].integer >= 0) {
+          std::uint64_t declared = 0;
+          if (!__builtin_mul_overflow(static_cast<std::uint64_t>(arena[t.items[4]].integer),
+                                      std::uint64_t{dt->itemsize}, &declared)) {
+            r.storage.nbytes = std::min(r.storage.nbytes, declared);
+          }
+        }
       } catch (const FormatError& err) {
         r.error = err.what();
       }

@@ -420,7 +420,10 @@ void PickleReader::append_items(ValueId target, std::span<const ValueId> items) 
 }
 
 void PickleReader::memo_put(std::uint64_t index, ValueId id) {
-  if (index >= limits_.max_memo) fail(fmt::format("memo index {} is too large", index));
+  // Python's pickler numbers memo entries densely, so an index far beyond the values built so
+  // far is a bomb (a 10-byte pickle asking for a 64 MiB memo), not a checkpoint.
+  if (index >= limits_.max_memo || index > arena_.size() + 65536)
+    fail(fmt::format("memo index {} is too large", index));
   if (index >= memo_.size())
     memo_.resize(std::max<std::size_t>(index + 1, memo_.size() * 2), kNoValue);
   if (memo_[index] == kNoValue) ++memo_count_;
@@ -449,9 +452,11 @@ ValueId PickleReader::read() {
         if (proto > 5) fail(fmt::format("unsupported pickle protocol {}", proto));
         break;
       }
-      case 0x95:  // FRAME: only a read-ahead hint
-        take(8);
+      case 0x95: {  // FRAME: a read-ahead hint, but one that must fit, as Python checks too
+        auto frame = take_le<std::uint64_t>();
+        if (frame > data_.size() - pos_) fail_truncated();
         break;
+      }
       case '.': {  // STOP
         ValueId result = pop();
         return result;

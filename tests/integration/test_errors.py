@@ -1,7 +1,9 @@
 """Bad and hostile input, and the daemon's lifecycle: clean one-line errors, no mount left
 behind, nothing executed, EIO only on the broken file, clean unmount on signals (issue #2)."""
+import collections
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -35,6 +37,37 @@ def rezip(src, dst, replace):
                 if info.filename.endswith(suffix):
                     data = new(data) if callable(new) else new
             zout.writestr(info.filename, data)
+
+
+class _StorageRef:
+    def __init__(self, numel):
+        self.numel = numel
+
+
+class _Rebuild:
+    """Pickles as torch's own _rebuild_tensor_v2(storage, offset, size, stride, ...) call."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class _TorchPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", torch.FloatStorage, "0", "cpu", obj.numel)
+        return None
+
+
+def crafted_tensor_pickle(size, stride, offset=0, numel=20):
+    """A data.pkl for {'w': tensor} whose size/stride/offset/numel are whatever we say."""
+    import io
+    buf = io.BytesIO()
+    _TorchPickler(buf, protocol=2).dump(
+        {"w": _Rebuild(_StorageRef(numel), offset, size, stride, False, collections.OrderedDict())})
+    return buf.getvalue()
 
 
 class ErrorsTest(unittest.TestCase):
@@ -140,6 +173,59 @@ class ErrorsTest(unittest.TestCase):
             with open(m.file("b.json")) as f:
                 self.assertIn("error", json.load(f))
         self.assertIn("tensor 'b'", m.stderr_text)
+
+    def test_bombs_are_refused_with_one_line(self):
+        """Hostile data.pkl payloads in an otherwise valid torch zip (issue #8's bomb list)."""
+        depth = 100000
+        cases = {
+            "deep nesting": (b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b".", "nested deeper than"),
+            "huge memo": (b"\x80\x02]r\xff\xff\xff\x7f.", "memo index"),
+            "huge string": (b"\x80\x04\x8d" + (1 << 60).to_bytes(8, "little") + b"abc.", "pickle"),
+            "huge frame": (b"\x80\x04\x95" + (1 << 62).to_bytes(8, "little") + b"N.", "pickle"),
+            "mark bomb": (b"\x80\x02" + b"(" * 200000 + b"N.", "pickle"),
+        }
+        for what, (payload, contains) in cases.items():
+            with self.subTest(what):
+                bad = self.path("bomb.pt")
+                rezip(self.good, bad, {"data.pkl": payload})
+                r = run_ckptfs("ls", bad)
+                self.assertEqual(r.returncode, 1, r.stderr)
+                self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+                self.assertIn(contains, r.stderr)
+                self.assertLess(len(r.stderr), 400, "an error should be one readable line")
+
+    def test_hostile_shapes_and_storages_give_eio_on_that_file(self):
+        """Shapes whose byte count overflows, views and storages that point past the data: the
+        tensor's file exists, its reads fail with EIO, its sidecar says why."""
+        cases = {
+            "overflowing shape": (crafted_tensor_pickle((1 << 40, 1 << 40, 1 << 40), (1, 1, 1)), "overflow"),
+            "negative size": (crafted_tensor_pickle((-5,), (1,)), ""),
+            "view past the storage": (crafted_tensor_pickle((4, 5), (5, 1), offset=10), ""),
+            # torch.load refuses this one too ("Trying to resize storage that is not resizable").
+            "storage declared smaller than the view": (crafted_tensor_pickle((4, 5), (5, 1), numel=7), ""),
+            "stride past the storage": (crafted_tensor_pickle((2, 2), (1 << 60, 1)), ""),
+        }
+        for what, (payload, contains) in cases.items():
+            with self.subTest(what):
+                bad = self.path("hostile_shape.pt")
+                rezip(self.good, bad, {"data.pkl": payload})
+                with Mount(bad) as m:
+                    with self.assertRaises(OSError) as cm:
+                        with open(m.file("w"), "rb") as f:
+                            f.read()
+                    self.assertEqual(cm.exception.errno, 5)
+                    with open(m.file("w.json")) as f:
+                        err = json.load(f)["error"]
+                    self.assertIn(contains, err)
+                    self.assertIsNone(m.proc.poll())
+
+    def test_storage_declared_larger_than_its_record_serves_what_torch_loads(self):
+        bad = self.path("numel.pt")
+        rezip(self.good, bad, {"data.pkl": crafted_tensor_pickle((4, 5), (5, 1), numel=1 << 50)})
+        want = torch_bytes(torch.load(bad)["w"])
+        with Mount(bad) as m:
+            with open(m.file("w"), "rb") as f:
+                self.assertEqual(f.read(), want)
 
     def test_daemon_mode_returns_when_ready(self):
         mnt = tempfile.mkdtemp(prefix="ckptfs-mnt-")

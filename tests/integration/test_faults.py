@@ -79,7 +79,9 @@ class FaultsTest(unittest.TestCase):
         b_off, b_len = record_offset(path, "data/1")
         # The bad range is inside b's third MiB: b's first MiB and every other record still read.
         bad = b_off + 2 * MIB
-        env = dict(os.environ, LD_PRELOAD=INJECTOR, CKPTFS_FAULT_FILE=path, CKPTFS_FAULT_RANGE=f"{bad}:4096")
+        env = dict(os.environ, LD_PRELOAD=INJECTOR, CKPTFS_FAULT_FILE=path, CKPTFS_FAULT_RANGE=f"{bad}:4096",
+                   # Under scripts/test-sanitizers the injector is preloaded ahead of ASan's runtime.
+                   ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0")
         with Mount(path, "--limit-mb", "16", env=env) as m:
             for _ in range(2):  # a failed block is not cached: the second try fails the same way
                 self.assert_eio(m.file("b"))
