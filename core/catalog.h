@@ -70,6 +70,7 @@ enum class NodeKind : std::uint8_t {
   JsonValue,      // |text| is the file's JSON content
   IndexFile,      // /.ckptfs/index.json
   StatsFile,      // /.ckptfs/stats, rendered by the daemon on every read
+  SafetensorsFile,  // /.ckptfs/model.safetensors: every tensor as one safetensors file
 };
 
 struct Node {

@@ -688,7 +688,12 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   stats.parent = meta_dir;
   stats.name = "stats";
   NodeIndex stats_node = add_node(std::move(stats));
-  catalog_.nodes_[meta_dir].children = {index_node, stats_node};
+  Node safetensors;
+  safetensors.kind = NodeKind::SafetensorsFile;
+  safetensors.parent = meta_dir;
+  safetensors.name = "model.safetensors";
+  NodeIndex safetensors_node = add_node(std::move(safetensors));
+  catalog_.nodes_[meta_dir].children = {index_node, safetensors_node, stats_node};  // by name
   catalog_.sidecar_sizes_ = std::vector<std::atomic<std::uint32_t>>(catalog_.tensors_.size());
   catalog_.listed_.resize(catalog_.tensors_.size());
   for (std::uint32_t i = 0; i < catalog_.listed_.size(); ++i) catalog_.listed_[i] = i;

@@ -44,6 +44,17 @@ const std::unordered_map<std::string, std::string>& dtype_names() {
   return m;
 }
 
+}  // namespace
+
+std::optional<std::string_view> safetensors_dtype_of(std::string_view torch_name) {
+  for (const auto& [st, torch] : dtype_names()) {
+    if (torch == torch_name) return std::string_view(st);
+  }
+  return std::nullopt;
+}
+
+namespace {
+
 std::uint64_t header_length(const ByteSource& source) {
   std::array<std::byte, 8> b{};
   source.read_at(0, b);

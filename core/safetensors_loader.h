@@ -3,6 +3,9 @@
 // little-endian at a known offset.
 #pragma once
 
+#include <optional>
+#include <string_view>
+
 #include "byte_source.h"
 #include "catalog.h"
 
@@ -10,6 +13,9 @@ namespace ckptfs {
 
 // True when |source| looks like a safetensors file (plausible header length, then '{').
 bool looks_like_safetensors(const ByteSource& source);
+
+// safetensors' name for a torch dtype ("float32" -> "F32"), if the format has one.
+std::optional<std::string_view> safetensors_dtype_of(std::string_view torch_name);
 
 // Throws FormatError with a one-line message when the header is malformed or hostile.
 TensorCatalog load_safetensors(const ByteSource& source);

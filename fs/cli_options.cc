@@ -14,11 +14,14 @@ std::string usage_text() {
   return R"(usage: ckptfs [options] CHECKPOINT MOUNTPOINT
        ckptfs ls [--json] CHECKPOINT [PATTERN]    list tensors without mounting
        ckptfs info CHECKPOINT                     summarize without mounting
+       ckptfs convert [--limit-mb N] [--root PATH] CHECKPOINT OUT.safetensors
+                                                  write every tensor as one safetensors file
 
 Mounts a PyTorch checkpoint (torch.save zip or legacy format, or safetensors) read-only
 at MOUNTPOINT: every tensor becomes a raw file (C order, little-endian, its own dtype)
 with a NAME.json sidecar, and every other value a .json file. /.ckptfs/index.json lists
-all tensors; /.ckptfs/stats shows the memory budget and the cache.
+all tensors; /.ckptfs/model.safetensors is every tensor as one safetensors file (cp it
+to convert); /.ckptfs/stats shows the memory budget and the cache.
 
 options:
   --limit-mb N      memory budget in MiB (default 1024, at least 8): the daemon's cache plus

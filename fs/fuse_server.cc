@@ -75,6 +75,12 @@ struct stat make_stat(const MountState& s, NodeIndex i) {
       st.st_nlink = 1;
       st.st_size = static_cast<off_t>(render_stats(s).size());
       break;
+    case NodeKind::SafetensorsFile:
+      // Like the .npy views, no blocks: du counts the tensors once, in their own files.
+      st.st_mode = S_IFREG | 0444;
+      st.st_nlink = 1;
+      st.st_size = static_cast<off_t>(s.safetensors().size());
+      break;
     default:  // generated JSON: du counts (almost) nothing for it
       st.st_mode = S_IFREG | 0444;
       st.st_nlink = 1;
@@ -240,6 +246,13 @@ void reply_slice(MountState& s, fuse_req_t req, fuse_ino_t ino, std::string_view
     account_reply(s, ino, start, len);
 }
 
+// One reply buffer per worker thread, reused: no allocation or first touch per read.
+std::span<std::byte> reply_buffer(std::size_t len) {
+  thread_local std::vector<std::byte> buffer;
+  if (buffer.size() < len) buffer.resize(len);
+  return std::span(buffer.data(), len);
+}
+
 // A tensor file: |header| (empty for the raw file, the NPY header for X.npy) followed by the
 // tensor's bytes. Full length except at end of file: a short read would look like EOF.
 void reply_tensor(MountState& s, fuse_req_t req, fuse_ino_t ino, const TensorInfo& t,
@@ -256,9 +269,7 @@ void reply_tensor(MountState& s, fuse_req_t req, fuse_ino_t ino, const TensorInf
     return;
   }
   std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(size, total - start));
-  // One reply buffer per worker thread, reused: no allocation or first touch per read.
-  thread_local std::vector<std::byte> buffer;
-  if (buffer.size() < len) buffer.resize(len);
+  std::span<std::byte> buffer = reply_buffer(len);
   std::size_t done = 0;
   if (start < header.size()) {
     done = std::min<std::size_t>(len, header.size() - static_cast<std::size_t>(start));
@@ -266,6 +277,20 @@ void reply_tensor(MountState& s, fuse_req_t req, fuse_ino_t ino, const TensorInf
   }
   if (done < len)
     s.reader.read(t, start + done - header.size(), std::span(buffer.data() + done, len - done));
+  if (fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len) == 0)
+    account_reply(s, ino, start, len);
+}
+
+void reply_safetensors(MountState& s, fuse_req_t req, fuse_ino_t ino, size_t size, off_t off) {
+  const SafetensorsView& view = s.safetensors();
+  auto start = static_cast<std::uint64_t>(off);
+  if (start >= view.size()) {
+    fuse_reply_buf(req, nullptr, 0);
+    return;
+  }
+  auto len = static_cast<std::size_t>(std::min<std::uint64_t>(size, view.size() - start));
+  std::span<std::byte> buffer = reply_buffer(len);
+  view.read(start, buffer, s.reader);
   if (fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len) == 0)
     account_reply(s, ino, start, len);
 }
@@ -299,6 +324,9 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
         return;
       case NodeKind::StatsFile:
         reply_slice(s, req, ino, render_stats(s), size, off, /*cached=*/false);  // direct_io
+        return;
+      case NodeKind::SafetensorsFile:
+        reply_safetensors(s, req, ino, size, off);
         return;
       case NodeKind::Directory:
         fuse_reply_err(req, EISDIR);

@@ -7,12 +7,16 @@
 
 #include <atomic>
 #include <ctime>
+#include <memory>
+#include <mutex>
+#include <string>
 
 #include "block_cache.h"
 #include "byte_source.h"
 #include "catalog.h"
 #include "kernel_invalidator.h"
 #include "kernel_page_ledger.h"
+#include "safetensors_view.h"
 #include "tensor_reader.h"
 
 namespace ckptfs {
@@ -34,6 +38,19 @@ struct MountState {
 
   MountState(const TensorCatalog& c, const ByteSource& src, BlockCache& b, KernelPageLedger& l)
       : catalog(c), source(src), cache(b), ledger(l), reader(c, b) {}
+
+  // /.ckptfs/model.safetensors, laid out on first use (its header is large for big
+  // checkpoints, and most mounts never look at it). Throws FormatError if it cannot exist.
+  const SafetensorsView& safetensors() const {
+    std::call_once(safetensors_once_, [this] {
+      safetensors_ = std::make_unique<SafetensorsView>(catalog, source.describe());
+    });
+    return *safetensors_;
+  }
+
+ private:
+  mutable std::once_flag safetensors_once_;
+  mutable std::unique_ptr<SafetensorsView> safetensors_;
 };
 
 // The operation table; the session's userdata must be a MountState*.

@@ -22,6 +22,7 @@
 #include "byte_source.h"
 #include "checkpoint_loader.h"
 #include "cli_options.h"
+#include "convert_command.h"
 #include "errors.h"
 #include "fuse_server.h"
 #include "inspect_commands.h"
@@ -277,6 +278,9 @@ int run(const CliOptions& opts) {
 int main(int argc, char** argv) {
   if (argc >= 2 && (std::string_view(argv[1]) == "ls" || std::string_view(argv[1]) == "info")) {
     return ckptfs::run_inspect_command(argc, argv);
+  }
+  if (argc >= 2 && std::string_view(argv[1]) == "convert") {
+    return ckptfs::run_convert_command(argc, argv);
   }
   ckptfs::CliParse parsed = ckptfs::parse_cli(argc, argv);
   if (!parsed.options) return parsed.exit_code;

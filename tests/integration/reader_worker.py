@@ -4,6 +4,9 @@
   reader_worker.py memmap MOUNT        memmap every tensor, touch every page, keep the maps
   reader_worker.py read MOUNT          read() every tensor in 1 MiB chunks
   reader_worker.py random MOUNT SECS SEED THREADS   random ranges via read() and mmap for SECS
+  reader_worker.py copy MOUNT DEST     copy /.ckptfs/model.safetensors to DEST as cp would, but
+                                       flushing and dropping DEST's pages every 16 MiB so that
+                                       the copy's own page cache does not blur the measurement
 It prints one JSON line: sha256 of every tensor it read fully, or the random ranges' checks.
 Before starting it prints "ready" and waits for a line on stdin, so the caller can take a
 baseline of the process first.
@@ -42,6 +45,21 @@ def main():
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
             result[e["path"]] = h.hexdigest()
+    elif mode == "copy":
+        dest = sys.argv[3]
+        h = hashlib.sha256()
+        with open(os.path.join(mount, ".ckptfs/model.safetensors"), "rb") as src, open(dest, "wb") as out:
+            written = 0
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+                h.update(chunk)
+                written += len(chunk)
+                if written % (16 << 20) == 0:
+                    out.flush()
+                    os.fdatasync(out.fileno())
+                    os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        result["bytes"] = written
+        result["sha256"] = h.hexdigest()
     elif mode == "random":
         import threading
         secs, seed, nthreads = float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
