@@ -217,6 +217,30 @@ void TensorCatalog::reroot(const std::string& path) {
   }
 }
 
+void TensorCatalog::finish() {
+  auto add = [this](NodeKind kind, NodeIndex parent, std::string name) {
+    Node n;
+    n.kind = kind;
+    n.parent = parent;
+    n.name = std::move(name);
+    nodes_.push_back(std::move(n));
+    return static_cast<NodeIndex>(nodes_.size() - 1);
+  };
+  const NodeIndex meta = add(NodeKind::Directory, kRoot, ".ckptfs");
+  // Children in name order.
+  nodes_[meta].children = {add(NodeKind::IndexFile, meta, "index.json"),
+                           add(NodeKind::SafetensorsFile, meta, "model.safetensors"),
+                           add(NodeKind::StatsFile, meta, "stats")};
+  auto& rc = nodes_[kRoot].children;
+  rc.insert(std::lower_bound(
+                rc.begin(), rc.end(), meta,
+                [this](NodeIndex a, NodeIndex b) { return nodes_[a].name < nodes_[b].name; }),
+            meta);
+  sidecar_sizes_ = std::vector<std::atomic<std::uint32_t>>(tensors_.size());
+  listed_.resize(tensors_.size());
+  for (std::uint32_t i = 0; i < listed_.size(); ++i) listed_[i] = i;
+}
+
 std::uint64_t TensorCatalog::generated_size(NodeIndex i) const {
   const Node& n = nodes_[i];
   switch (n.kind) {

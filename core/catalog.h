@@ -64,12 +64,12 @@ struct TensorInfo {
 
 enum class NodeKind : std::uint8_t {
   Directory,
-  TensorData,     // raw bytes of |tensor|
-  TensorSidecar,  // JSON metadata of |tensor|
-  NpyView,        // |tensor| behind an NPY header, for np.load(..., mmap_mode='r')
-  JsonValue,      // |text| is the file's JSON content
-  IndexFile,      // /.ckptfs/index.json
-  StatsFile,      // /.ckptfs/stats, rendered by the daemon on every read
+  TensorData,       // raw bytes of |tensor|
+  TensorSidecar,    // JSON metadata of |tensor|
+  NpyView,          // |tensor| behind an NPY header, for np.load(..., mmap_mode='r')
+  JsonValue,        // |text| is the file's JSON content
+  IndexFile,        // /.ckptfs/index.json
+  StatsFile,        // /.ckptfs/stats, rendered by the daemon on every read
   SafetensorsFile,  // /.ckptfs/model.safetensors: every tensor as one safetensors file
 };
 
@@ -118,12 +118,25 @@ class TensorCatalog {
   // The same JSON for a subset of tensors (indices into tensors()).
   std::string render_index(const std::vector<std::uint32_t>& subset) const;
 
+  // One tree from several checkpoints (shards): part i's storage offsets move by
+  // |storage_bases[i]| (where its bytes sit in the combined source). Directories with the same
+  // path merge; two files at one path throw FormatError naming both |part_names|.
+  static TensorCatalog merge(std::vector<TensorCatalog> parts,
+                             const std::vector<std::uint64_t>& storage_bases,
+                             const std::vector<std::string>& part_names);
+  // Which part (index into merge()'s parts) each tensor came from; empty unless merged.
+  const std::vector<std::uint32_t>& tensor_parts() const { return tensor_parts_; }
+
   // Bytes a file's stat reports for generated (non-tensor) files.
   std::uint64_t generated_size(NodeIndex i) const;
   std::string relative_path(NodeIndex i) const;
 
  private:
   friend class CatalogBuilder;
+
+  // Adds /.ckptfs (index.json, model.safetensors, stats) to the root, in name order, and sizes
+  // the per-tensor tables; the last step of building a tree.
+  void finish();
 
   std::vector<Node> nodes_;
   std::vector<TensorInfo> tensors_;
@@ -133,6 +146,7 @@ class TensorCatalog {
   std::vector<std::string> warnings_;
   std::vector<std::string> provenance_;
   std::vector<std::uint32_t> listed_;
+  std::vector<std::uint32_t> tensor_parts_;
   // Sidecar sizes, computed on first stat: stat of every file in a directory of many tensors
   // must not render every sidecar each time. 0 = not yet known.
   mutable std::vector<std::atomic<std::uint32_t>> sidecar_sizes_;

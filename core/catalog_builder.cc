@@ -672,38 +672,7 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
     fill_directory(TensorCatalog::kRoot, root, key_path, 0);
   }
 
-  // /.ckptfs holds files about the mount itself.
-  Node meta;
-  meta.kind = NodeKind::Directory;
-  meta.parent = TensorCatalog::kRoot;
-  meta.name = ".ckptfs";
-  NodeIndex meta_dir = add_node(std::move(meta));
-  Node index;
-  index.kind = NodeKind::IndexFile;
-  index.parent = meta_dir;
-  index.name = "index.json";
-  NodeIndex index_node = add_node(std::move(index));
-  Node stats;
-  stats.kind = NodeKind::StatsFile;
-  stats.parent = meta_dir;
-  stats.name = "stats";
-  NodeIndex stats_node = add_node(std::move(stats));
-  Node safetensors;
-  safetensors.kind = NodeKind::SafetensorsFile;
-  safetensors.parent = meta_dir;
-  safetensors.name = "model.safetensors";
-  NodeIndex safetensors_node = add_node(std::move(safetensors));
-  catalog_.nodes_[meta_dir].children = {index_node, safetensors_node, stats_node};  // by name
-  catalog_.sidecar_sizes_ = std::vector<std::atomic<std::uint32_t>>(catalog_.tensors_.size());
-  catalog_.listed_.resize(catalog_.tensors_.size());
-  for (std::uint32_t i = 0; i < catalog_.listed_.size(); ++i) catalog_.listed_[i] = i;
-  // The root's children are already sorted: insert /.ckptfs in place.
-  auto& rc = catalog_.nodes_[TensorCatalog::kRoot].children;
-  rc.insert(std::lower_bound(rc.begin(), rc.end(), meta_dir,
-                             [this](NodeIndex a, NodeIndex b) {
-                               return catalog_.nodes_[a].name < catalog_.nodes_[b].name;
-                             }),
-            meta_dir);
+  catalog_.finish();
 }
 
 }  // namespace ckptfs

@@ -11,10 +11,27 @@
 namespace ckptfs {
 
 std::uint64_t SegmentedSource::append(std::unique_ptr<ByteSource> segment) {
-  std::uint64_t start = (size_ + kAlign - 1) / kAlign * kAlign;
-  size_ = start + segment->size();
-  segments_.push_back({start, std::move(segment)});
+  std::uint64_t start = append_ref(*segment);
+  segments_.back().owned = std::move(segment);
   return start;
+}
+
+std::uint64_t SegmentedSource::append_ref(const ByteSource& segment) {
+  // Aligned starts: no cache block (at most kAlign bytes) ever spans two segments.
+  std::uint64_t start = (size_ + kAlign - 1) / kAlign * kAlign;
+  size_ = start + segment.size();
+  segments_.push_back({start, &segment, nullptr});
+  return start;
+}
+
+void SegmentedSource::drop_cache() const {
+  file_.drop_cache();
+  for (const Segment& s : segments_) s.source->drop_cache();
+}
+
+bool SegmentedSource::changed() const {
+  return file_.changed() || std::any_of(segments_.begin(), segments_.end(),
+                                        [](const Segment& s) { return s.source->changed(); });
 }
 
 void SegmentedSource::read_at(std::uint64_t offset, std::span<std::byte> dst) const {
@@ -57,6 +74,16 @@ void SegmentedSource::read_block(std::uint64_t offset, std::span<std::byte> bloc
   if (offset + length <= file_.size()) {
     file_.read_block(offset, block, length);  // keeps O_DIRECT for the file itself
     return;
+  }
+  // A block inside one segment is that segment's block read (O_DIRECT for shard files).
+  auto it = std::upper_bound(segments_.begin(), segments_.end(), offset,
+                             [](std::uint64_t p, const Segment& s) { return p < s.start; });
+  if (it != segments_.begin()) {
+    const Segment& s = *std::prev(it);
+    if (offset + length <= s.start + s.source->size()) {
+      s.source->read_block(offset - s.start, block, length);
+      return;
+    }
   }
   read_at(offset, block.first(length));
 }

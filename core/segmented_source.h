@@ -1,7 +1,7 @@
 // SegmentedSource: one address space over several byte providers, so that the block cache
 // and the catalog only ever deal in offsets. The checkpoint file sits at [0, size); further
-// segments (deflated zip records inflated on demand today; shard files later) follow at
-// 1 MiB-aligned offsets. Gaps between segments read as zeros and are never referenced.
+// segments (deflated zip records inflated on demand; the other files of a sharded checkpoint)
+// follow at 1 MiB-aligned offsets. Gaps between segments read as zeros and are never referenced.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +21,8 @@ class SegmentedSource final : public ByteSource {
   // Adds |segment| after the others; returns the offset where its byte 0 now lives.
   // Not thread-safe: build the source before serving from it.
   std::uint64_t append(std::unique_ptr<ByteSource> segment);
+  // The same for a source owned elsewhere, which must outlive this one.
+  std::uint64_t append_ref(const ByteSource& segment);
 
   std::uint64_t size() const override { return size_; }
   void read_at(std::uint64_t offset, std::span<std::byte> dst) const override;
@@ -28,16 +30,17 @@ class SegmentedSource final : public ByteSource {
                   std::size_t length) const override;
   std::timespec mtime() const override { return file_.mtime(); }
   std::string describe() const override { return file_.describe(); }
-  void drop_cache() const override { file_.drop_cache(); }
+  void drop_cache() const override;
   std::string cache_mode() const override { return file_.cache_mode(); }
-  bool changed() const override { return file_.changed(); }
+  bool changed() const override;
 
   static constexpr std::uint64_t kAlign = 1u << 20;
 
  private:
   struct Segment {
     std::uint64_t start;
-    std::unique_ptr<ByteSource> source;
+    const ByteSource* source;
+    std::unique_ptr<ByteSource> owned;  // null when the segment is owned elsewhere
   };
   const ByteSource& file_;
   std::vector<Segment> segments_;

@@ -11,15 +11,18 @@
 namespace ckptfs {
 
 std::string usage_text() {
-  return R"(usage: ckptfs [options] CHECKPOINT MOUNTPOINT
+  return R"(usage: ckptfs [options] CHECKPOINT... MOUNTPOINT
        ckptfs ls [--json] CHECKPOINT [PATTERN]    list tensors without mounting
        ckptfs info CHECKPOINT                     summarize without mounting
        ckptfs convert [--limit-mb N] [--root PATH] CHECKPOINT OUT.safetensors
                                                   write every tensor as one safetensors file
 
 Mounts a PyTorch checkpoint (torch.save zip or legacy format, or safetensors) read-only
-at MOUNTPOINT: every tensor becomes a raw file (C order, little-endian, its own dtype)
-with a NAME.json sidecar, and every other value a .json file. /.ckptfs/index.json lists
+at MOUNTPOINT. Several checkpoints merge into one tree (a clear error if two hold the same
+key); a shard index (*.bin.index.json, *.safetensors.index.json) or a directory holding one
+mounts every shard it names, each tensor served from its shard. In the tree, every tensor
+becomes a raw file (C order, little-endian, its own dtype) with a NAME.json sidecar, and
+every other value a .json file. /.ckptfs/index.json lists
 all tensors; /.ckptfs/model.safetensors is every tensor as one safetensors file (cp it
 to convert); /.ckptfs/stats shows the memory budget and the cache.
 
@@ -141,12 +144,12 @@ CliParse parse_cli(int argc, char** argv) {
         return {std::nullopt, 2};
     }
   }
-  if (argc - optind != 2) {
+  if (argc - optind < 2) {
     std::fprintf(stderr, "ckptfs: expected CHECKPOINT and MOUNTPOINT (see ckptfs --help)\n");
     return {std::nullopt, 2};
   }
-  opts.checkpoint = argv[optind];
-  opts.mountpoint = argv[optind + 1];
+  opts.checkpoints.assign(argv + optind, argv + argc - 1);
+  opts.mountpoint = argv[argc - 1];
   return {std::move(opts), 0};
 }
 

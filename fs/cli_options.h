@@ -9,7 +9,9 @@
 namespace ckptfs {
 
 struct CliOptions {
-  std::string checkpoint;
+  // Checkpoint files, shard indexes (*.index.json) or directories holding one: all merged
+  // into one tree.
+  std::vector<std::string> checkpoints;
   std::string mountpoint;
   std::uint64_t limit_mb = 1024;
   bool foreground = false;

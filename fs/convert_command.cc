@@ -13,7 +13,7 @@
 
 #include "block_cache.h"
 #include "byte_source.h"
-#include "checkpoint_loader.h"
+#include "checkpoint_set.h"
 #include "errors.h"
 #include "memory_budget.h"
 #include "safetensors_view.h"
@@ -104,11 +104,10 @@ int run_convert_command(int argc, char** argv) {
       int err = errno;
       throw IoError(fmt::format("cannot create '{}': {}", tmp.path, errno_text(err)), err);
     }
-    LocalFileSource source(in);
-    LoadedCheckpoint loaded = load_checkpoint(source);
-    if (!root.empty()) loaded.catalog.reroot(root);
-    const ByteSource& data = loaded.data ? *loaded.data : source;
-    SafetensorsView view(loaded.catalog, in);
+    CheckpointSet set({in});
+    if (!root.empty()) set.catalog().reroot(root);
+    const ByteSource& data = set.data();
+    SafetensorsView view(set.catalog(), in);
     for (const std::string& s : view.skipped())
       std::fprintf(stderr, "ckptfs convert: skipped %s\n", s.c_str());
 
@@ -116,7 +115,7 @@ int run_convert_command(int argc, char** argv) {
     // dropped every quarter (at most 64 MiB), so neither side grows with the checkpoint.
     const std::uint64_t limit = limit_mb << 20;
     BlockCache cache(data, limit / 2);
-    TensorReader reader(loaded.catalog, cache);
+    TensorReader reader(set.catalog(), cache);
     const std::uint64_t flush_every = std::min<std::uint64_t>(limit / 4, 64ull << 20);
 
     const bool progress = ::isatty(STDERR_FILENO) != 0;

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 #include <fnmatch.h>
+#include <sys/stat.h>
 
 #include <cstdio>
 #include <map>
@@ -9,7 +10,7 @@
 #include <vector>
 
 #include "byte_source.h"
-#include "checkpoint_loader.h"
+#include "checkpoint_set.h"
 #include "errors.h"
 
 namespace ckptfs {
@@ -72,16 +73,14 @@ int run_inspect_command(int argc, char** argv) {
     return 2;
   }
   const std::string& path = rest[0];
-  std::unique_ptr<LocalFileSource> source;
-  LoadedCheckpoint loaded;
+  std::unique_ptr<CheckpointSet> set;
   try {
-    source = std::make_unique<LocalFileSource>(path);
-    loaded = load_checkpoint(*source);
+    set = std::make_unique<CheckpointSet>(std::vector<std::string>{path});
   } catch (const CkptError& e) {
     std::fprintf(stderr, "ckptfs: %s: %s\n", path.c_str(), e.what());
     return 1;
   }
-  const TensorCatalog& c = loaded.catalog;
+  const TensorCatalog& c = set->catalog();
   const auto& tensors = c.tensors();
 
   if (command == "info") {
@@ -93,8 +92,15 @@ int run_inspect_command(int argc, char** argv) {
       ++d.first;
       d.second += t.nbytes;
     }
+    std::uint64_t file_bytes = 0;
+    for (const std::string& f : set->files()) {
+      struct stat st {};
+      if (::stat(f.c_str(), &st) == 0) file_bytes += static_cast<std::uint64_t>(st.st_size);
+    }
+    const std::string files =
+        set->files().size() == 1 ? path : fmt::format("{} ({} files)", path, set->files().size());
     std::fputs(
-        fmt::format("file:      {} ({})\nformat:    {}\n", path, human(source->size()), c.format())
+        fmt::format("file:      {} ({})\nformat:    {}\n", files, human(file_bytes), c.format())
             .c_str(),
         stdout);
     for (const auto& fact : c.provenance())

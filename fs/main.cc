@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "byte_source.h"
-#include "checkpoint_loader.h"
+#include "checkpoint_set.h"
 #include "cli_options.h"
 #include "convert_command.h"
 #include "errors.h"
@@ -151,25 +151,25 @@ std::string fsname_for(const std::string& path) {
 }
 
 int run(const CliOptions& opts) {
-  std::unique_ptr<LocalFileSource> source;
-  LoadedCheckpoint loaded;
+  const std::string what = opts.checkpoints.size() == 1
+                               ? opts.checkpoints[0]
+                               : std::to_string(opts.checkpoints.size()) + " files";
+  std::unique_ptr<CheckpointSet> set;
   try {
-    source = std::make_unique<LocalFileSource>(opts.checkpoint);
-    loaded = load_checkpoint(*source);
-    if (!opts.root.empty()) loaded.catalog.reroot(opts.root);
+    set = std::make_unique<CheckpointSet>(opts.checkpoints);
+    if (!opts.root.empty()) set->catalog().reroot(opts.root);
   } catch (const CkptError& e) {
-    std::fprintf(stderr, "ckptfs: %s: %s\n", opts.checkpoint.c_str(), e.what());
+    std::fprintf(stderr, "ckptfs: %s: %s\n", what.c_str(), e.what());
     return 1;
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "ckptfs: %s: out of memory while reading the checkpoint\n",
-                 opts.checkpoint.c_str());
+    std::fprintf(stderr, "ckptfs: %s: out of memory while reading the checkpoint\n", what.c_str());
     return 1;
   }
   // The pickle's value graph is gone; give its heap back before serving for hours.
   ::malloc_trim(0);
-  const TensorCatalog& catalog = loaded.catalog;
-  // Tensor bytes come from the file, or from the file plus inflated records.
-  const ByteSource& data = loaded.data ? *loaded.data : *source;
+  const TensorCatalog& catalog = set->catalog();
+  // Tensor bytes come from the file(s), plus inflated records where some were deflated.
+  const ByteSource& data = set->data();
   const auto& warnings = catalog.warnings();
   for (std::size_t i = 0; i < warnings.size() && i < kMaxWarningLines; ++i) {
     std::fprintf(stderr, "ckptfs: warning: %s\n", warnings[i].c_str());
@@ -199,7 +199,7 @@ int run(const CliOptions& opts) {
 
   // Reading data.pkl and the zip directory left checkpoint pages in the page cache; from
   // now on block reads bypass it (O_DIRECT) or drop what they read.
-  source->drop_cache();
+  set->drop_cache();
 
   // The cache memory is reserved (not touched) before forking: no threads exist yet.
   const MemoryBudget budget = split_memory_budget(opts.limit_mb << 20);
@@ -213,12 +213,12 @@ int run(const CliOptions& opts) {
   KernelPageLedger ledger(budget.kernel_bytes);
   MountState state(catalog, data, *cache, ledger);
   state.limit_bytes = opts.limit_mb << 20;
-  state.mtime = source->mtime();
+  state.mtime = data.mtime();
   state.uid = ::getuid();
   state.gid = ::getgid();
 
   std::vector<std::string> args = {"ckptfs", "-o",
-                                   "ro,subtype=ckptfs,fsname=" + fsname_for(opts.checkpoint)};
+                                   "ro,subtype=ckptfs,fsname=" + fsname_for(set->name())};
   for (const auto& o : opts.fuse_options) {
     args.push_back("-o");
     args.push_back(o);

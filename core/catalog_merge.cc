@@ -1,0 +1,102 @@
+// TensorCatalog::merge: the shards of a checkpoint (or several checkpoints given together)
+// as one tree.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <unordered_map>
+
+#include "catalog.h"
+#include "errors.h"
+
+namespace ckptfs {
+
+TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
+                                   const std::vector<std::uint64_t>& storage_bases,
+                                   const std::vector<std::string>& part_names) {
+  TensorCatalog out;
+  out.nodes_.emplace_back();               // the root directory
+  std::vector<std::uint32_t> owner = {0};  // which part put each node there (for messages)
+  // (directory, name) -> node, for the directories of |out| as they fill.
+  std::unordered_map<std::string, NodeIndex> by_name;
+  auto slot = [](NodeIndex dir, const std::string& name) {
+    return fmt::format("{}/{}", dir, name);
+  };
+  std::vector<std::string> formats;
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    TensorCatalog& part = parts[p];
+    if (p > 0 && part.big_endian_ != out.big_endian_) {
+      throw FormatError(
+          fmt::format("'{}' and '{}' disagree on byte order", part_names[0], part_names[p]));
+    }
+    out.big_endian_ = part.big_endian_;
+    const auto tensor_base = static_cast<std::uint32_t>(out.tensors_.size());
+    const auto storage_base = static_cast<std::uint32_t>(out.storages_.size());
+    // Depth-first over the part's tree; /.ckptfs is rebuilt for the whole by finish().
+    std::vector<std::pair<NodeIndex, NodeIndex>> stack = {{kRoot, kRoot}};  // (part, out)
+    while (!stack.empty()) {
+      auto [from_dir, to_dir] = stack.back();
+      stack.pop_back();
+      for (NodeIndex c : part.nodes_[from_dir].children) {
+        Node& n = part.nodes_[c];
+        if (from_dir == kRoot && n.name == ".ckptfs") continue;
+        auto [it, fresh] = by_name.emplace(slot(to_dir, n.name), kNoNode);
+        if (!fresh) {
+          const Node& there = out.nodes_[it->second];
+          if (n.kind == NodeKind::Directory && there.kind == NodeKind::Directory) {
+            stack.emplace_back(c, it->second);
+            continue;
+          }
+          throw FormatError(fmt::format("'{}' is in both '{}' and '{}'", part.relative_path(c),
+                                        part_names[owner[it->second]], part_names[p]));
+        }
+        Node copy;
+        copy.kind = n.kind;
+        copy.parent = to_dir;
+        copy.name = std::move(n.name);
+        copy.text = std::move(n.text);
+        copy.tensor = n.tensor + tensor_base;
+        it->second = static_cast<NodeIndex>(out.nodes_.size());
+        out.nodes_.push_back(std::move(copy));
+        owner.push_back(static_cast<std::uint32_t>(p));
+        out.nodes_[to_dir].children.push_back(it->second);
+        if (n.kind == NodeKind::Directory) stack.emplace_back(c, it->second);
+      }
+    }
+    for (StorageInfo& s : part.storages_) {
+      s.offset += storage_bases[p];
+      out.storages_.push_back(std::move(s));
+    }
+    for (TensorInfo& t : part.tensors_) {
+      if (t.storage != kNoStorage) t.storage += storage_base;
+      out.tensors_.push_back(std::move(t));
+      out.tensor_parts_.push_back(static_cast<std::uint32_t>(p));
+    }
+    for (std::string& w : part.warnings_) out.warnings_.push_back(part_names[p] + ": " + w);
+    for (std::string& f : part.provenance_) out.provenance_.push_back(part_names[p] + ": " + f);
+    if (std::find(formats.begin(), formats.end(), part.format_) == formats.end())
+      formats.push_back(part.format_);
+  }
+  for (Node& n : out.nodes_) {
+    std::sort(n.children.begin(), n.children.end(),
+              [&out](NodeIndex a, NodeIndex b) { return out.nodes_[a].name < out.nodes_[b].name; });
+  }
+  // Paths are the merged tree's.
+  for (NodeIndex i = 0; i < out.nodes_.size(); ++i) {
+    const Node& n = out.nodes_[i];
+    if (n.kind != NodeKind::TensorData && n.kind != NodeKind::TensorSidecar &&
+        n.kind != NodeKind::NpyView) {
+      continue;
+    }
+    TensorInfo& t = out.tensors_[n.tensor];
+    (n.kind == NodeKind::TensorData      ? t.path
+     : n.kind == NodeKind::TensorSidecar ? t.sidecar
+                                         : t.npy) = out.relative_path(i);
+  }
+  std::string joined;
+  for (const std::string& f : formats) joined += (joined.empty() ? "" : " + ") + f;
+  out.format_ = fmt::format("{} ({} files)", joined, parts.size());
+  out.finish();
+  return out;
+}
+
+}  // namespace ckptfs
