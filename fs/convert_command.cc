@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -111,15 +112,16 @@ int run_convert_command(int argc, char** argv) {
     for (const std::string& s : view.skipped())
       std::fprintf(stderr, "ckptfs convert: skipped %s\n", s.c_str());
 
-    // Half the budget caches checkpoint blocks; the output's dirty pages are flushed and
-    // dropped every quarter (at most 64 MiB), so neither side grows with the checkpoint.
+    // Half the budget caches checkpoint blocks, an eighth (at most 8 MiB) is the copy buffer,
+    // and the output's dirty pages are flushed and dropped every quarter (at most 64 MiB), so
+    // neither side grows with the checkpoint.
     const std::uint64_t limit = limit_mb << 20;
     BlockCache cache(data, limit / 2);
     TensorReader reader(set.catalog(), cache);
     const std::uint64_t flush_every = std::min<std::uint64_t>(limit / 4, 64ull << 20);
 
     const bool progress = ::isatty(STDERR_FILENO) != 0;
-    std::vector<std::byte> buffer(8u << 20);
+    std::vector<std::byte> buffer(std::clamp<std::uint64_t>(limit / 8, 1u << 20, 8u << 20));
     std::uint64_t pos = 0;
     std::uint64_t flushed = 0;
     auto last_report = started;

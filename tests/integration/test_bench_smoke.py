@@ -1,5 +1,5 @@
-"""Benchmarks are not tests: this only proves scripts/bench-memory still runs end to end at
-a tiny size and writes its plot and table (the numbers themselves are not judged here)."""
+"""Benchmarks are not tests: this only proves scripts/bench-memory and scripts/bench-convert
+still run end to end at a tiny size and write their tables (the numbers are not judged here)."""
 import os
 import subprocess
 import sys
@@ -24,6 +24,18 @@ class BenchSmokeTest(unittest.TestCase):
             with open(os.path.join(out, "benchmarks.md")) as f:
                 md = f.read()
             for method in ("ckptfs --limit-mb 8", "| mmap |", "| torch.load |"):
+                self.assertIn(method, md)
+
+    def test_bench_convert_runs(self):
+        require_fuse()
+        with tempfile.TemporaryDirectory(prefix="ckptfs-bench-smoke-") as out:
+            r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "scripts", "bench-convert"), "--size-mib", "16",
+                                "--limit-mb", "8", "--out-dir", out, "--binary", BINARY],
+                               capture_output=True, text=True, timeout=600)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            with open(os.path.join(out, "benchmarks.md")) as f:
+                md = f.read()
+            for method in ("| ckptfs convert (--limit-mb 8)", "| cp from a mount", "| torch.load + numpy writer"):
                 self.assertIn(method, md)
 
 
