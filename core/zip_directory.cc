@@ -7,9 +7,12 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <span>
+#include <vector>
 
 #include "errors.h"
 #include "little_endian.h"
+#include "read_ahead.h"
 
 namespace ckptfs {
 namespace {
@@ -26,9 +29,14 @@ constexpr std::size_t kCentralHeaderSize = 46;
 constexpr std::size_t kLocalHeaderSize = 30;
 constexpr std::uint64_t kMaxEntries = 16u << 20;
 
-// libzip calls back into this to read the archive through the ByteSource.
+// libzip calls back into this to read the archive through the ByteSource. A central
+// directory too large for libzip's tail buffer is read entry by entry, in two small reads
+// each: the read-ahead window turns those into one source read per 256 KiB (a 262,144-entry
+// archive otherwise costs half a million system calls to open).
 struct SourceContext {
-  const ByteSource* source = nullptr;
+  explicit SourceContext(const ByteSource& s) : source(&s), reader(s) {}
+  const ByteSource* source;
+  ReadAhead reader;
   std::uint64_t position = 0;
   zip_error_t error{};
 };
@@ -44,7 +52,7 @@ zip_int64_t source_callback(void* userdata, void* data, zip_uint64_t len, zip_so
       std::uint64_t n =
           ctx->position >= size ? 0 : std::min<std::uint64_t>(len, size - ctx->position);
       try {
-        ctx->source->read_at(ctx->position, std::span<std::byte>(static_cast<std::byte*>(data), n));
+        ctx->reader.read(ctx->position, std::span<std::byte>(static_cast<std::byte*>(data), n));
       } catch (const IoError& e) {
         zip_error_set(&ctx->error, ZIP_ER_READ, e.error_number());
         return -1;
@@ -92,7 +100,9 @@ std::string libzip_message(zip_error_t* error) {
 }  // namespace
 
 struct ZipDirectory::LibzipState {
+  explicit LibzipState(const ByteSource& source) : context(source), headers(source) {}
   SourceContext context;
+  ReadAhead headers;  // local headers, read in record order by data_offset()
   zip_t* archive = nullptr;
   ~LibzipState() {
     if (archive != nullptr) {
@@ -103,8 +113,7 @@ struct ZipDirectory::LibzipState {
 };
 
 ZipDirectory::ZipDirectory(const ByteSource& source)
-    : source_(source), libzip_(std::make_unique<LibzipState>()) {
-  libzip_->context.source = &source;
+    : source_(source), libzip_(std::make_unique<LibzipState>(source)) {
   zip_error_init(&libzip_->context.error);
   zip_error_t error;
   zip_error_init(&error);
@@ -269,7 +278,7 @@ std::uint64_t ZipDirectory::data_offset(const ZipEntry& entry) const {
     throw FormatError(fmt::format("zip entry '{}' points outside the file", entry.name));
   }
   std::array<std::byte, kLocalHeaderSize> h{};
-  source_.read_at(entry.local_header_offset, h);
+  libzip_->headers.read(entry.local_header_offset, h);
   if (load_le<std::uint32_t>(h.data()) != kLocalHeaderSig) {
     throw FormatError(fmt::format("zip entry '{}' has a corrupt local header", entry.name));
   }

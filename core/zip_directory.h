@@ -41,6 +41,7 @@ class ZipDirectory {
   // Absolute offset of the entry's first data byte (read from its local header, whose extra
   // field length differs from the central one because torch pads it for alignment).
   // Throws FormatError if the local header is malformed or the data runs past the file.
+  // Not thread-safe (headers are read through a read-ahead window); use at load time only.
   std::uint64_t data_offset(const ZipEntry& entry) const;
 
   // The whole (decompressed) content of a small record. Throws FormatError if it is larger

@@ -276,6 +276,9 @@ int run(const CliOptions& opts) {
 }  // namespace ckptfs
 
 int main(int argc, char** argv) {
+  // libzip converts every entry's DOS time with mktime(), and glibc re-reads /etc/localtime
+  // on each call when TZ is unset: a system call per zip entry. ckptfs shows no local times.
+  ::setenv("TZ", "UTC0", 0);
   if (argc >= 2 && (std::string_view(argv[1]) == "ls" || std::string_view(argv[1]) == "info")) {
     return ckptfs::run_inspect_command(argc, argv);
   }
