@@ -137,9 +137,9 @@ std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset
     out += ", \"path\": ";
     append_json_string(out, t.path);
     out += ", \"sidecar\": ";
-    append_json_string(out, t.sidecar);
+    append_json_string(out, relative_path(t.sidecar_node));
     out += ", \"npy\": ";
-    append_json_string(out, t.npy);
+    append_json_string(out, relative_path(t.npy_node));
     out += ", \"dtype\": ";
     append_json_string(out, t.dtype.name);
     out += ", \"shape\": ";
@@ -201,13 +201,9 @@ void TensorCatalog::reroot(const std::string& path) {
       const Node& node = nodes_[c];
       if (node.kind == NodeKind::Directory) {
         stack.push_back(c);
-      } else if (node.kind == NodeKind::TensorData || node.kind == NodeKind::TensorSidecar ||
-                 node.kind == NodeKind::NpyView) {
-        TensorInfo& t = tensors_[node.tensor];
+      } else if (node.kind == NodeKind::TensorData) {
         reachable[node.tensor] = true;
-        (node.kind == NodeKind::TensorData      ? t.path
-         : node.kind == NodeKind::TensorSidecar ? t.sidecar
-                                                : t.npy) = relative_path(c);
+        tensors_[node.tensor].path = relative_path(c);
       }
     }
   }

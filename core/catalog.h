@@ -43,9 +43,12 @@ struct StorageInfo {
 
 struct TensorInfo {
   std::vector<KeyPart> key;
-  std::string path;     // of the raw file, relative to the mount root
-  std::string sidecar;  // path of its .json sidecar
-  std::string npy;      // path of its .npy view
+  std::string path;  // of the raw file, relative to the mount root
+  // Its three files (raw, .json sidecar, .npy view); their paths come from the tree when
+  // needed (index.json), rather than three strings per tensor.
+  NodeIndex data_node = kNoNode;
+  NodeIndex sidecar_node = kNoNode;
+  NodeIndex npy_node = kNoNode;
   DType dtype{};
   std::vector<std::int64_t> shape;
   std::vector<std::int64_t> stride;

@@ -378,18 +378,38 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
 
   // A dict that sets one key twice keeps the last value at the first position, as Python does.
   if (arena_[v].kind == ValueKind::Dict) {
-    std::unordered_map<std::string, std::size_t> seen;
-    std::vector<Child> unique;
-    for (Child& c : kids) {
-      std::string id = c.key.is_number ? fmt::format("#{}", c.key.number) : "$" + c.key.text;
-      auto [it, fresh] = seen.emplace(id, unique.size());
-      if (fresh) {
-        unique.push_back(std::move(c));
+    std::unordered_map<std::string_view, std::size_t> seen_text;  // views into |kids|
+    std::unordered_map<std::int64_t, std::size_t> seen_number;
+    seen_text.reserve(kids.size());
+    std::vector<std::size_t> first_of(kids.size());
+    bool duplicates = false;
+    for (std::size_t i = 0; i < kids.size(); ++i) {
+      const KeyPart& k = kids[i].key;
+      bool fresh = false;
+      if (k.is_number) {
+        auto [it, added] = seen_number.emplace(k.number, i);
+        first_of[i] = it->second;
+        fresh = added;
       } else {
-        unique[it->second].value = c.value;
+        auto [it, added] = seen_text.emplace(k.text, i);
+        first_of[i] = it->second;
+        fresh = added;
       }
+      duplicates |= !fresh;
     }
-    kids = std::move(unique);
+    if (duplicates) {
+      std::vector<Child> unique;
+      std::vector<std::size_t> position(kids.size());
+      for (std::size_t i = 0; i < kids.size(); ++i) {
+        if (first_of[i] == i) {
+          position[i] = unique.size();
+          unique.push_back(kids[i]);
+        } else {
+          unique[position[first_of[i]]].value = kids[i].value;
+        }
+      }
+      kids = std::move(unique);
+    }
   }
 
   fill_entries(dir, kids, key, depth);
@@ -472,6 +492,8 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
       p.primary = claim(escape_name(k.is_number ? fmt::format("{}", k.number) : k.text), "");
     }
   }
+  std::string dir_prefix = catalog_.relative_path(dir);
+  if (!dir_prefix.empty()) dir_prefix.push_back('/');
   for (Pending& p : entries) {
     const KeyPart& k = p.child->key;
     key.push_back(k);
@@ -491,16 +513,14 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
         catalog_.nodes_[dir].children.push_back(index);
         return index;
       };
-      NodeIndex data_node = add_tensor_file(NodeKind::TensorData, p.primary);
-      NodeIndex meta_node = add_tensor_file(NodeKind::TensorSidecar, sidecar);
-      NodeIndex npy_node = add_tensor_file(NodeKind::NpyView, npy);
-      info.path = catalog_.relative_path(data_node);
-      info.sidecar = catalog_.relative_path(meta_node);
-      info.npy = catalog_.relative_path(npy_node);
+      info.path = dir_prefix + p.primary;
       if (!info.error.empty()) {
-        catalog_.warnings_.push_back(fmt::format("tensor '{}': {} (reads return EIO; see {})",
-                                                 info.path, info.error, info.sidecar));
+        catalog_.warnings_.push_back(fmt::format("tensor '{}': {} (reads return EIO; see {}{})",
+                                                 info.path, info.error, dir_prefix, sidecar));
       }
+      info.data_node = add_tensor_file(NodeKind::TensorData, std::move(p.primary));
+      info.sidecar_node = add_tensor_file(NodeKind::TensorSidecar, std::move(sidecar));
+      info.npy_node = add_tensor_file(NodeKind::NpyView, std::move(npy));
       catalog_.tensors_.push_back(std::move(info));
     } else if (p.what == Pending::Dir) {
       Node d;
@@ -525,10 +545,13 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     }
     key.pop_back();
   }
+  // Sorted by name for lookups. The views stay valid: no node is added while sorting.
   auto& ch = catalog_.nodes_[dir].children;
-  std::sort(ch.begin(), ch.end(), [this](NodeIndex a, NodeIndex b) {
-    return catalog_.nodes_[a].name < catalog_.nodes_[b].name;
-  });
+  std::vector<std::pair<std::string_view, NodeIndex>> by_name;
+  by_name.reserve(ch.size());
+  for (NodeIndex c : ch) by_name.emplace_back(catalog_.nodes_[c].name, c);
+  std::sort(by_name.begin(), by_name.end());
+  for (std::size_t i = 0; i < ch.size(); ++i) ch[i] = by_name[i].second;
 }
 
 void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<ValueId>& on_path) {

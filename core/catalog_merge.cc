@@ -80,17 +80,17 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
     std::sort(n.children.begin(), n.children.end(),
               [&out](NodeIndex a, NodeIndex b) { return out.nodes_[a].name < out.nodes_[b].name; });
   }
-  // Paths are the merged tree's.
+  // Paths and file nodes are the merged tree's.
   for (NodeIndex i = 0; i < out.nodes_.size(); ++i) {
     const Node& n = out.nodes_[i];
-    if (n.kind != NodeKind::TensorData && n.kind != NodeKind::TensorSidecar &&
-        n.kind != NodeKind::NpyView) {
-      continue;
+    if (n.kind == NodeKind::TensorData) {
+      out.tensors_[n.tensor].data_node = i;
+      out.tensors_[n.tensor].path = out.relative_path(i);
+    } else if (n.kind == NodeKind::TensorSidecar) {
+      out.tensors_[n.tensor].sidecar_node = i;
+    } else if (n.kind == NodeKind::NpyView) {
+      out.tensors_[n.tensor].npy_node = i;
     }
-    TensorInfo& t = out.tensors_[n.tensor];
-    (n.kind == NodeKind::TensorData      ? t.path
-     : n.kind == NodeKind::TensorSidecar ? t.sidecar
-                                         : t.npy) = out.relative_path(i);
   }
   std::string joined;
   for (const std::string& f : formats) joined += (joined.empty() ? "" : " + ") + f;

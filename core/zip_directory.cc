@@ -133,6 +133,7 @@ ZipDirectory::ZipDirectory(const ByteSource& source)
   zip_error_fini(&error);
   walk_central_directory();
   cross_check_with_libzip();
+  by_name_.reserve(entries_.size());
   for (std::size_t i = 0; i < entries_.size(); ++i) {
     if (!by_name_.emplace(entries_[i].name, i).second) {
       throw FormatError(fmt::format("zip has two entries named '{}'", entries_[i].name));
@@ -143,7 +144,7 @@ ZipDirectory::ZipDirectory(const ByteSource& source)
 ZipDirectory::~ZipDirectory() = default;
 
 const ZipEntry* ZipDirectory::find(std::string_view name) const {
-  auto it = by_name_.find(std::string(name));
+  auto it = by_name_.find(name);
   return it == by_name_.end() ? nullptr : &entries_[it->second];
 }
 

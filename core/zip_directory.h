@@ -56,7 +56,8 @@ class ZipDirectory {
   const ByteSource& source_;
   std::unique_ptr<LibzipState> libzip_;
   std::vector<ZipEntry> entries_;
-  std::unordered_map<std::string, std::size_t> by_name_;
+  // Views into entries_, which never changes after construction.
+  std::unordered_map<std::string_view, std::size_t> by_name_;
 };
 
 }  // namespace ckptfs
