@@ -246,6 +246,25 @@ T PickleReader::take_le() {
   return load_le<T>(take(sizeof(T)).data());
 }
 
+// None, booleans and small ints are immutable: one shared value each. Checkpoints are full
+// of them (offsets, shapes, strides, requires_grad), a third of all values otherwise.
+ValueId PickleReader::push_scalar(Value v) {
+  ValueId* slot = nullptr;
+  if (v.kind == ValueKind::None) {
+    slot = &none_;
+  } else if (v.kind == ValueKind::Bool) {
+    slot = v.boolean ? &true_ : &false_;
+  } else if (v.kind == ValueKind::Int && v.integer >= -kSmallIntBias &&
+             v.integer < kSmallIntLimit) {
+    if (small_ints_.empty()) small_ints_.assign(kSmallIntBias + kSmallIntLimit, kNoValue);
+    slot = &small_ints_[static_cast<std::size_t>(v.integer + kSmallIntBias)];
+  }
+  if (slot == nullptr) return push_new(std::move(v));
+  if (*slot == kNoValue) *slot = arena_.add(std::move(v));
+  push(*slot);
+  return *slot;
+}
+
 ValueId PickleReader::push_new(Value v) {
   ValueId id = arena_.add(std::move(v));
   push(id);
@@ -479,14 +498,14 @@ ValueId PickleReader::read() {
         push(top());
         break;
       case 'N':
-        push_new(Value{});
+        push_scalar(Value{});
         break;
       case 0x88:
       case 0x89: {  // NEWTRUE / NEWFALSE
         Value v;
         v.kind = ValueKind::Bool;
         v.boolean = op == 0x88;
-        push_new(std::move(v));
+        push_scalar(std::move(v));
         break;
       }
       case 'I': {  // INT (text); "00"/"01" are protocol-0 booleans
@@ -499,7 +518,7 @@ ValueId PickleReader::read() {
           v.kind = ValueKind::Int;
           if (!parse_int64(line, v.integer)) fail("bad INT literal");
         }
-        push_new(std::move(v));
+        push_scalar(std::move(v));
         break;
       }
       case 'L': {  // LONG (text)
@@ -525,7 +544,7 @@ ValueId PickleReader::read() {
         Value v;
         v.kind = ValueKind::Int;
         v.integer = static_cast<std::int32_t>(take_le<std::uint32_t>());
-        push_new(std::move(v));
+        push_scalar(std::move(v));
         break;
       }
       case 'K':
@@ -533,7 +552,7 @@ ValueId PickleReader::read() {
         Value v;
         v.kind = ValueKind::Int;
         v.integer = op == 'K' ? take_le<std::uint8_t>() : take_le<std::uint16_t>();
-        push_new(std::move(v));
+        push_scalar(std::move(v));
         break;
       }
       case 0x8a:

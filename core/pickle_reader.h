@@ -50,6 +50,7 @@ class PickleReader {
   T take_le();
 
   ValueId push_new(Value v);
+  ValueId push_scalar(Value v);
   void push(ValueId id);
   ValueId pop();
   ValueId top();
@@ -74,6 +75,12 @@ class PickleReader {
   std::vector<ValueId>
       memo_;  // by memo index; kNoValue = never stored (indices are dense in practice)
   std::size_t memo_count_ = 0;
+  static constexpr std::int64_t kSmallIntBias = 1024;
+  static constexpr std::int64_t kSmallIntLimit = 65536;
+  std::vector<ValueId> small_ints_;  // shared Int values in [-kSmallIntBias, kSmallIntLimit)
+  ValueId none_ = kNoValue;
+  ValueId true_ = kNoValue;
+  ValueId false_ = kNoValue;
 };
 
 // Decimal digits of a little-endian two's-complement integer of any length.

@@ -275,7 +275,32 @@ int run(const CliOptions& opts) {
 }  // namespace
 }  // namespace ckptfs
 
+namespace {
+
+// Loading a checkpoint of many tensors allocates its catalog in millions of small pieces, and
+// on these VMs each first touch of a 4 KiB page is a costly fault. glibc's malloc can back its
+// heap with transparent huge pages, but reads that setting (a tunable) only at start-up: so
+// ckptfs re-executes itself once with it set (262,144 tensors: 7.3 s -> 4.8 s, page faults
+// 300K -> 9K). CKPTFS_SMALL_PAGES=1, or any GLIBC_TUNABLES naming hugetlb, leaves it alone.
+void use_huge_pages(char** argv) {
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if (std::getenv("CKPTFS_SMALL_PAGES") != nullptr ||
+      (tunables != nullptr && std::strstr(tunables, "glibc.malloc.hugetlb") != nullptr)) {
+    return;
+  }
+  std::string value = tunables != nullptr && *tunables != '\0'
+                          ? std::string(tunables) + ":glibc.malloc.hugetlb=1"
+                          : std::string("glibc.malloc.hugetlb=1");
+  if (::setenv("GLIBC_TUNABLES", value.c_str(), 1) != 0) return;
+  ::execv("/proc/self/exe", argv);
+  ::unsetenv("GLIBC_TUNABLES");  // no /proc: go on with small pages
+  if (tunables != nullptr) ::setenv("GLIBC_TUNABLES", tunables, 1);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  use_huge_pages(argv);
   // libzip converts every entry's DOS time with mktime(), and glibc re-reads /etc/localtime
   // on each call when TZ is unset: a system call per zip entry. ckptfs shows no local times.
   ::setenv("TZ", "UTC0", 0);
