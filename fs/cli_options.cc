@@ -33,6 +33,8 @@ options:
                     checkpoint); index.json then lists only its tensors
   --readahead-kb N  kernel readahead for the mount (root only; default: the kernel's 128):
                     1024 makes sequential and memmap reads arrive as 1 MiB requests
+  --no-xattrs       no user.ckptfs.* attributes: the kernel then stops asking, and `ls -l`
+                    of a huge directory skips two daemon round trips per file
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)
   -d, --debug       log every FUSE request to stderr (implies -f)
   -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other);
@@ -45,11 +47,12 @@ Unmount with `fusermount3 -u MOUNTPOINT`, or stop the daemon with SIGINT/SIGTERM
 }
 
 CliParse parse_cli(int argc, char** argv) {
-  enum { kLimitMb = 1000, kRoot, kReadahead };
+  enum { kLimitMb = 1000, kRoot, kReadahead, kNoXattrs };
   static const option kLong[] = {
       {"limit-mb", required_argument, nullptr, kLimitMb},
       {"root", required_argument, nullptr, kRoot},
       {"readahead-kb", required_argument, nullptr, kReadahead},
+      {"no-xattrs", no_argument, nullptr, kNoXattrs},
       {"foreground", no_argument, nullptr, 'f'},
       {"debug", no_argument, nullptr, 'd'},
       {"help", no_argument, nullptr, 'h'},
@@ -94,6 +97,9 @@ CliParse parse_cli(int argc, char** argv) {
         opts.readahead_kb = n;
         break;
       }
+      case kNoXattrs:
+        opts.xattrs = false;
+        break;
       case 'f':
         opts.foreground = true;
         break;

@@ -19,6 +19,7 @@ struct CliOptions {
   std::vector<std::string> fuse_options;  // each a comma-separated -o list
   std::string root;                       // --root: a directory of the tree to mount as root
   std::uint32_t readahead_kb = 0;         // --readahead-kb: the mount's bdi readahead; 0 = kernel's
+  bool xattrs = true;                     // --no-xattrs: no user.ckptfs.* (ls -l then never asks)
 };
 
 // What parsing decided: run with options, or exit now with |exit_code| (help, version, error).

@@ -396,6 +396,10 @@ void reply_xattr_value(fuse_req_t req, const std::string& value, size_t size) {
 
 void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
   MountState& s = state_of(req);
+  if (!s.xattrs) {
+    fuse_reply_err(req, ENOSYS);
+    return;
+  }
   // ls -l asks every file for ACLs and security labels: answer those without any work.
   if (std::string_view(name).substr(0, 12) != "user.ckptfs.") {
     fuse_reply_err(req, ENODATA);
@@ -414,6 +418,10 @@ void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) 
 
 void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
   MountState& s = state_of(req);
+  if (!s.xattrs) {
+    fuse_reply_err(req, ENOSYS);
+    return;
+  }
   std::string names;
   if (const TensorInfo* t = tensor_of(s, ino)) {
     for (const auto& kv : tensor_xattrs(s.catalog, *t)) {

@@ -33,6 +33,7 @@ struct MountState {
   uid_t uid = 0;
   gid_t gid = 0;
   std::atomic<std::uint64_t> read_errors{0};
+  bool xattrs = true;  // false: getxattr/listxattr answer ENOSYS, which the kernel remembers
   std::atomic<bool> initialized{false};  // the kernel's INIT has been answered
   std::atomic<std::uint64_t> logged_errors{0};
 

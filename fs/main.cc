@@ -213,6 +213,7 @@ int run(const CliOptions& opts) {
   KernelPageLedger ledger(budget.kernel_bytes);
   MountState state(catalog, data, *cache, ledger);
   state.limit_bytes = opts.limit_mb << 20;
+  state.xattrs = opts.xattrs;
   state.mtime = data.mtime();
   state.uid = ::getuid();
   state.gid = ::getgid();

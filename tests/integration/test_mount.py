@@ -1,5 +1,6 @@
 """Mounts checkpoints written by the real torch.save and compares every tensor file
 byte-for-byte with what torch.load gives (issue #2)."""
+import errno
 import json
 import os
 import stat
@@ -150,6 +151,15 @@ class MountedCheckpointTest(unittest.TestCase):
             with self.assertRaises(OSError):
                 os.getxattr(f, "user.ckptfs.nope")
             self.assertEqual(os.listxattr(m.file("epoch.json")), [])
+        # --no-xattrs: the kernel is told once (ENOSYS) and stops asking; the data is the same.
+        with Mount(self.paths["lightning"], "--no-xattrs") as m:
+            f = m.file("optimizer_states/0/state/0/exp_avg")
+            for _ in range(2):
+                with self.assertRaises(OSError) as cm:
+                    os.getxattr(f, "user.ckptfs.dtype")
+                self.assertEqual(cm.exception.errno, errno.EOPNOTSUPP)
+            with open(f, "rb") as fh:
+                self.assertEqual(len(fh.read()), 16 * 8 * 4)
 
     def test_mount_a_subtree_with_root(self):
         expected = torch_tensors(torch.load(self.paths["lightning"]))
