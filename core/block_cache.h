@@ -7,11 +7,14 @@
 // recycles memory in use.
 #pragma once
 
+#include <array>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <mutex>
 #include <span>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -47,6 +50,8 @@ class BlockCache {
     std::uint64_t evictions = 0;
     std::uint64_t bytes_read = 0;
     std::uint64_t read_errors = 0;
+    std::uint64_t prefetched = 0;     // blocks loaded ahead of a sequential reader
+    std::uint64_t prefetch_hits = 0;  // ... and then asked for
   };
 
   // |capacity_bytes| is the budget; |block_size| 0 picks a size that gives at least
@@ -54,6 +59,14 @@ class BlockCache {
   BlockCache(const ByteSource& source, std::uint64_t capacity_bytes, std::uint32_t block_size = 0);
   BlockCache(const BlockCache&) = delete;
   BlockCache& operator=(const BlockCache&) = delete;
+  ~BlockCache();
+
+  // Readers that go through the source in order (a block asked for right after the one
+  // before it) then get the next |depth| blocks loaded ahead, by one background thread, so the
+  // source's latency overlaps their work. Prefetch only takes free slots or blocks nobody has
+  // re-read, never a pinned one nor another prefetched block not yet used, and holds at most a
+  // quarter of the cache. Call once, before serving.
+  void enable_prefetch(std::uint32_t depth);
 
   // A block held in the cache while its owner copies from it (RAII: unpinned on destruction).
   class Pin {
@@ -107,12 +120,21 @@ class BlockCache {
     std::uint32_t pins = 0;
     SlotState state = SlotState::Free;
     bool referenced = false;
+    bool prefetched = false;  // loaded ahead and not yet asked for
   };
   static constexpr std::uint32_t kNoSlot = UINT32_MAX;
 
   std::uint32_t acquire(std::uint64_t block);
   void release(std::uint32_t slot);
   std::uint32_t find_victim();  // requires mu_
+  // Claims |slot| for |block| (evicting what it held), marked Loading and pinned. Requires mu_.
+  void claim(std::uint32_t slot, std::uint64_t block);
+  // Reads |block| into its claimed |slot| with mu_ released; Ready on success, Free (and the
+  // exception rethrown) on failure.
+  void load(std::unique_lock<std::mutex>& lock, std::uint32_t slot, std::uint64_t block);
+  void note_access(std::uint64_t block);  // requires mu_: spots sequential streams
+  std::uint32_t find_prefetch_slot();     // requires mu_; clears no reference bit
+  void prefetch_loop();
 
   const ByteSource& source_;
   std::uint32_t block_size_;
@@ -123,6 +145,16 @@ class BlockCache {
   std::unordered_map<std::uint64_t, std::uint32_t> index_;
   std::uint32_t hand_ = 0;
   Stats stats_;
+
+  // Prefetch (all under mu_ except the thread itself).
+  std::uint32_t prefetch_depth_ = 0;
+  std::uint32_t prefetched_unused_ = 0;
+  std::array<std::uint64_t, 16> recent_{};  // last blocks asked for, to spot streams
+  std::uint32_t recent_next_ = 0;
+  std::deque<std::uint64_t> prefetch_queue_;
+  std::condition_variable prefetch_wake_;
+  bool stopping_ = false;
+  std::thread prefetcher_;
 };
 
 }  // namespace ckptfs

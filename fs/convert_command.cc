@@ -117,6 +117,7 @@ int run_convert_command(int argc, char** argv) {
     // neither side grows with the checkpoint.
     const std::uint64_t limit = limit_mb << 20;
     BlockCache cache(data, limit / 2);
+    cache.enable_prefetch(4);  // convert reads in order: overlap the reads with the writes
     TensorReader reader(set.catalog(), cache);
     const std::uint64_t flush_every = std::min<std::uint64_t>(limit / 4, 64ull << 20);
 

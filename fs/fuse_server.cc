@@ -445,7 +445,11 @@ void op_statfs(fuse_req_t req, fuse_ino_t) {
   fuse_reply_statfs(req, &sv);
 }
 
-void op_init(void* userdata, fuse_conn_info*) {
+void op_init(void* userdata, fuse_conn_info* conn) {
+  // Readahead READs are background requests, 12 at a time by default: several readers
+  // streaming at once (or one reader far ahead) would queue behind that.
+  conn->max_background = 64;
+  conn->congestion_threshold = 48;
   static_cast<MountState*>(userdata)->initialized = true;
 }
 
@@ -484,14 +488,15 @@ std::string render_stats(const MountState& state) {
       "  \"lookups\": {},\n  \"hits\": {},\n  \"misses\": {},\n  \"evictions\": {},\n"
       "  \"invalidations\": {},\n  \"invalidated_bytes\": {},\n"
       "  \"bytes_read_from_checkpoint\": {},\n  \"checkpoint_cache_mode\": \"{}\",\n"
+      "  \"prefetched\": {},\n  \"prefetch_hits\": {},\n"
       "  \"checkpoint_read_errors\": {},\n  \"checkpoint_changed\": {},\n"
       "  \"read_errors\": {},\n"
       "  \"tensors\": {},\n  \"storages\": {}\n}}\n",
       state.limit_bytes, c.limit_bytes, state.ledger.budget(), c.resident_bytes, kernel,
       c.resident_bytes + kernel, c.block_size, c.blocks, c.hits + c.misses, c.hits, c.misses,
       c.evictions, invalidations, invalidated, c.bytes_read, state.source.cache_mode(),
-      c.read_errors, state.source.changed(), state.read_errors.load(),
-      state.catalog.tensors().size(), state.catalog.storages().size());
+      c.prefetched, c.prefetch_hits, c.read_errors, state.source.changed(),
+      state.read_errors.load(), state.catalog.tensors().size(), state.catalog.storages().size());
 }
 
 }  // namespace ckptfs

@@ -126,6 +126,10 @@ bool set_readahead(const std::string& bdi, std::uint32_t kb) {
 
 // The kernel sets the readahead from the INIT reply, which the request loop sends: the value is
 // written after that, from a helper thread that never touches the mount.
+// Blocks loaded ahead of a sequential reader: enough to hide the source's latency behind
+// the copies of the blocks before (docs/benchmarks.md), a few MiB at most.
+constexpr std::uint32_t kPrefetchBlocks = 4;
+
 std::thread readahead_setter(const MountState& state, std::string bdi, std::uint32_t kb) {
   return std::thread([&state, bdi = std::move(bdi), kb] {
     for (int i = 0; i < 500 && !state.initialized; ++i)
@@ -257,6 +261,7 @@ int run(const CliOptions& opts) {
   }
 
   invalidator.start();  // after fuse_daemonize: threads do not survive its fork
+  cache->enable_prefetch(kPrefetchBlocks);
   std::thread readahead;
   if (opts.readahead_kb != 0) readahead = readahead_setter(state, bdi, opts.readahead_kb);
 

@@ -167,3 +167,66 @@ TEST_CASE("one big sequential scan does not flush a block that keeps being read"
   CHECK(src.reads - reads_before == 240);
   CHECK(same(src, 0, hot));
 }
+
+TEST_CASE("prefetch: a sequential reader finds the next blocks loaded, bytes unchanged") {
+  MemorySource src(8u << 20);
+  src.delay_ms = 2;  // a slow source: the reader's own work overlaps the prefetch
+  BlockCache cache(src, 64u << 10 << 5, 64u << 10);  // 32 blocks
+  cache.enable_prefetch(4);
+  std::vector<std::byte> buf(64u << 10);
+  for (std::uint64_t off = 0; off + buf.size() <= src.size(); off += buf.size()) {
+    cache.read(off, buf);
+    REQUIRE(same(src, off, buf));
+    std::this_thread::sleep_for(std::chrono::milliseconds(3));  // the reader's work
+  }
+  auto s = cache.stats();
+  CHECK(s.prefetched > 64);
+  CHECK(s.prefetch_hits > 64);
+  CHECK(s.hits + s.misses >= 128);
+  CHECK(s.resident_bytes <= (64u << 10 << 5));
+}
+
+TEST_CASE("prefetch never takes a pinned block, nor one that keeps being read") {
+  MemorySource src(16u << 20);
+  BlockCache cache(src, 64u << 10 << 5, 64u << 10);  // 32 blocks
+  cache.enable_prefetch(4);
+  std::vector<std::byte> hot(100);
+  cache.read(0, hot);
+  cache.read(0, hot);  // re-read: referenced
+  BlockCache::Pin pinned = cache.pin(5u << 20);
+  std::vector<std::byte> buf(64u << 10);
+  int hot_misses = 0;
+  for (std::uint64_t off = 1u << 20; off + buf.size() <= (4u << 20); off += buf.size()) {
+    cache.read(off, buf);
+    REQUIRE(same(src, off, buf));
+    // Reader misses only: the source's read count also moves with the prefetch thread.
+    const auto before = cache.stats().misses;
+    cache.read(0, hot);
+    hot_misses += static_cast<int>(cache.stats().misses - before);
+  }
+  CHECK(hot_misses == 0);
+  CHECK(std::memcmp(pinned.at(5u << 20), src.bytes() + (5u << 20), 4096) == 0);
+  CHECK(cache.stats().prefetched > 0);
+}
+
+TEST_CASE("prefetch with many threads and a tiny cache: every byte right, clean shutdown") {
+  MemorySource src(4u << 20);
+  {
+    BlockCache cache(src, 64u << 10 << 5, 64u << 10);
+    cache.enable_prefetch(8);
+    std::vector<std::thread> threads;
+    std::atomic<int> bad{0};
+    for (int t = 0; t < 6; ++t) {
+      threads.emplace_back([&, t] {
+        std::vector<std::byte> buf(10000);
+        const std::uint64_t start = static_cast<std::uint64_t>(t) * (600u << 10);
+        for (std::uint64_t off = start; off + buf.size() <= src.size(); off += buf.size()) {
+          cache.read(off, buf);
+          if (!same(src, off, buf)) ++bad;
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    CHECK(bad == 0);
+  }  // the destructor stops the prefetch thread
+}
