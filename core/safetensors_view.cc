@@ -60,9 +60,14 @@ SafetensorsView::SafetensorsView(const TensorCatalog& catalog, const std::string
   for (const std::string& w : catalog.warnings()) {
     if (w.find(": no raw file") != std::string::npos) skipped_.push_back(w);
   }
-  std::stable_sort(chosen.begin(), chosen.end(), [&](const Candidate& a, const Candidate& b) {
-    return catalog.tensors()[a.tensor].dtype.itemsize > catalog.tensors()[b.tensor].dtype.itemsize;
-  });
+  // First every tensor whose size is a multiple of 8 (each then starts 8-byte aligned), then
+  // the rest by element size, largest first (each aligned to its own element size).
+  auto rank = [&](const Candidate& c) {
+    const TensorInfo& t = catalog.tensors()[c.tensor];
+    return std::pair(t.nbytes % 8 != 0, 16 - t.dtype.itemsize);
+  };
+  std::stable_sort(chosen.begin(), chosen.end(),
+                   [&](const Candidate& a, const Candidate& b) { return rank(a) < rank(b); });
 
   std::string json = "{\"__metadata__\": {\"format\": \"pt\", \"source\": ";
   append_json_string(json, source);

@@ -4,9 +4,10 @@
 // `ckptfs convert`, so a conversion streams through the block cache like any other reader.
 //
 // Layout: the format requires the data ranges to cover the data section with no holes, so
-// tensors are ordered by element size, largest first (then in checkpoint order), as the
-// reference writer does: every tensor starts at a multiple of its own element size, and the
-// header is padded with spaces so the data section starts at a multiple of 8.
+// alignment comes from the order. The header is padded with spaces so the data starts at a
+// multiple of 8; tensors whose size is a multiple of 8 come first (each 8-byte aligned), then
+// the others by element size, largest first (each aligned to its own element size, as the
+// reference writer does); checkpoint order otherwise.
 #pragma once
 
 #include <cstdint>

@@ -46,6 +46,8 @@ def read_safetensors(path):
         count = int(np.prod(info["shape"], dtype=np.int64))
         assert stop - begin == count * np.dtype(npdt).itemsize, f"{name}: size does not match its shape"
         assert begin % np.dtype(npdt).itemsize == 0, f"{name}: not aligned to its element size"
+        if (stop - begin) % 8 == 0:
+            assert begin % 8 == 0, f"{name}: its size allows 8-byte alignment, but it starts at {begin}"
         arr = np.frombuffer(data, dtype=npdt, count=count, offset=begin).reshape(info["shape"])
         out[name] = (info["dtype"], list(info["shape"]), arr.tobytes())
         end = stop
