@@ -157,8 +157,14 @@ void BlockCache::note_access(std::uint64_t block) {
   if (prefetch_depth_ == 0) return;
   const bool sequential =
       block > 0 && std::find(recent_.begin(), recent_.end(), block - 1) != recent_.end();
-  recent_[recent_next_] = block;
-  recent_next_ = (recent_next_ + 1) % recent_.size();
+  // Several requests fall in one block: remember it once, so that the ring spans more blocks
+  // (and more concurrent streams).
+  const auto last =
+      static_cast<std::uint32_t>((recent_next_ + recent_.size() - 1) % recent_.size());
+  if (recent_[last] != block) {
+    recent_[recent_next_] = block;
+    recent_next_ = (recent_next_ + 1) % recent_.size();
+  }
   if (!sequential) return;
   const std::uint64_t last_block = (source_.size() - 1) / block_size_;
   bool queued = false;
