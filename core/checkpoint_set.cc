@@ -101,9 +101,13 @@ void raise_fd_limit() {
 
 }  // namespace
 
-CheckpointSet::CheckpointSet(const std::vector<std::string>& arguments) {
+std::string CheckpointSet::describe(const std::vector<std::string>& arguments) {
+  return arguments.size() == 1 ? arguments[0] : fmt::format("{} files", arguments.size());
+}
+
+CheckpointSet::CheckpointSet(const std::vector<std::string>& arguments)
+    : name_(describe(arguments)) {
   if (arguments.empty()) throw FormatError("no checkpoint given");
-  name_ = arguments.size() == 1 ? arguments[0] : fmt::format("{} files", arguments.size());
   // Each argument expands to files; an index also says which tensors each file must hold.
   std::vector<std::pair<std::string, std::string>> expected;  // (key, file path)
   for (const std::string& arg : arguments) {

@@ -30,6 +30,7 @@ class CheckpointSet {
   const std::vector<std::string>& files() const { return names_; }
   // For messages and the mount's fsname: the one argument, or "N files".
   const std::string& name() const { return name_; }
+  static std::string describe(const std::vector<std::string>& arguments);
   // Drops what loading the metadata left in the page cache of every file.
   void drop_cache() const;
 

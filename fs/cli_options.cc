@@ -6,6 +6,7 @@
 #include <charconv>
 #include <cstdio>
 
+#include "memory_budget.h"
 #include "version.h"
 
 namespace ckptfs {
@@ -46,6 +47,16 @@ Unmount with `fusermount3 -u MOUNTPOINT`, or stop the daemon with SIGINT/SIGTERM
 )";
 }
 
+std::optional<std::uint64_t> parse_limit_mb(std::string_view text) {
+  std::uint64_t n = 0;
+  auto r = std::from_chars(text.data(), text.data() + text.size(), n);
+  if (r.ec != std::errc() || r.ptr != text.data() + text.size() || n < (kMinLimitBytes >> 20) ||
+      n > (1u << 24)) {
+    return std::nullopt;
+  }
+  return n;
+}
+
 CliParse parse_cli(int argc, char** argv) {
   enum { kLimitMb = 1000, kRoot, kReadahead, kNoXattrs };
   static const option kLong[] = {
@@ -68,17 +79,12 @@ CliParse parse_cli(int argc, char** argv) {
   while ((c = getopt_long(argc, argv, ":fdo:hV", kLong, nullptr)) != -1) {
     switch (c) {
       case kLimitMb: {
-        std::string_view v = optarg;
-        std::uint64_t n = 0;
-        auto r = std::from_chars(v.data(), v.data() + v.size(), n);
-        if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n < 8 || n > (1u << 24)) {
-          std::fprintf(
-              stderr,
-              "ckptfs: --limit-mb needs a whole number of MiB from 8 to 16777216, not '%s'\n",
-              optarg);
+        auto n = parse_limit_mb(optarg);
+        if (!n) {
+          std::fprintf(stderr, "ckptfs: --limit-mb needs %s, not '%s'\n", kLimitMbRule, optarg);
           return {std::nullopt, 2};
         }
-        opts.limit_mb = n;
+        opts.limit_mb = *n;
         break;
       }
       case kRoot:

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace ckptfs {
@@ -29,6 +30,11 @@ struct CliParse {
 };
 
 CliParse parse_cli(int argc, char** argv);
+
+// --limit-mb's value (the mount's and `ckptfs convert`'s): a whole number of MiB within
+// kLimitMbRule, or nothing.
+std::optional<std::uint64_t> parse_limit_mb(std::string_view text);
+inline constexpr const char* kLimitMbRule = "a whole number of MiB from 8 to 16777216";
 std::string usage_text();
 
 }  // namespace ckptfs

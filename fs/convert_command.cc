@@ -15,6 +15,7 @@
 #include "block_cache.h"
 #include "byte_source.h"
 #include "checkpoint_set.h"
+#include "cli_options.h"
 #include "errors.h"
 #include "memory_budget.h"
 #include "safetensors_view.h"
@@ -76,13 +77,13 @@ int run_convert_command(int argc, char** argv) {
         root = v;
         continue;
       }
-      char* end = nullptr;
-      limit_mb = std::strtoull(v.c_str(), &end, 10);
-      if (v.empty() || *end != '\0' || limit_mb < kMinLimitBytes >> 20 || limit_mb > (1u << 24)) {
-        std::fprintf(stderr, "ckptfs convert: --limit-mb wants a number of MiB, at least %llu\n",
-                     static_cast<unsigned long long>(kMinLimitBytes >> 20));
+      auto n = parse_limit_mb(v);
+      if (!n) {
+        std::fprintf(stderr, "ckptfs convert: --limit-mb needs %s, not '%s'\n", kLimitMbRule,
+                     v.c_str());
         return 2;
       }
+      limit_mb = *n;
     } else if (a.starts_with("-")) {
       std::fprintf(stderr, "ckptfs convert: unknown option '%s'\n%s", a.c_str(), kUsage);
       return 2;

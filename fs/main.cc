@@ -155,9 +155,7 @@ std::string fsname_for(const std::string& path) {
 }
 
 int run(const CliOptions& opts) {
-  const std::string what = opts.checkpoints.size() == 1
-                               ? opts.checkpoints[0]
-                               : std::to_string(opts.checkpoints.size()) + " files";
+  const std::string what = CheckpointSet::describe(opts.checkpoints);
   std::unique_ptr<CheckpointSet> set;
   try {
     set = std::make_unique<CheckpointSet>(opts.checkpoints);

@@ -1,5 +1,6 @@
-"""Benchmarks are not tests: this only proves scripts/bench-memory and scripts/bench-convert
-still run end to end at a tiny size and write their tables (the numbers are not judged here)."""
+"""Benchmarks are not tests: this only proves scripts/bench-memory, bench-convert and
+bench-throughput still run end to end at a tiny size and write their tables (the numbers are
+not judged here)."""
 import os
 import subprocess
 import sys
@@ -25,6 +26,20 @@ class BenchSmokeTest(unittest.TestCase):
                 md = f.read()
             for method in ("ckptfs --limit-mb 8", "| mmap |", "| torch.load |"):
                 self.assertIn(method, md)
+
+    def test_bench_throughput_runs(self):
+        require_fuse()
+        with tempfile.TemporaryDirectory(prefix="ckptfs-bench-smoke-") as out:
+            r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "scripts", "bench-throughput"), "--size-mib", "32",
+                                "--tiny-count", "300", "--out-dir", out, "--binary", BINARY],
+                               capture_output=True, text=True, timeout=900)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            self.assertGreater(os.path.getsize(os.path.join(out, "bench-throughput.png")), 10000)
+            with open(os.path.join(out, "benchmarks.md")) as f:
+                md = f.read()
+            for target in ("| 1 | memmap + bf16 loop", "| 2 | second pass", "| 3 | mount 300 tensors",
+                           "| 3 | daemon memory per tensor", "| 4 | 2 processes"):
+                self.assertIn(target, md)
 
     def test_bench_convert_runs(self):
         require_fuse()
