@@ -180,6 +180,7 @@ void TensorCatalog::reroot(const std::string& path) {
     throw FormatError(fmt::format("--root '{}' is a file, not a directory of the tree", path));
   }
   if (target == kRoot) return;
+  const std::string prefix = relative_path(target) + "/";  // in the tree as it was
   const NodeIndex meta = lookup(kRoot, ".ckptfs");
   // The new root takes index 0 (inode 1). The rest of the old tree becomes unreachable and is
   // left as it is; only the new root's children and /.ckptfs are relinked.
@@ -211,6 +212,12 @@ void TensorCatalog::reroot(const std::string& path) {
   for (std::uint32_t i = 0; i < tensors_.size(); ++i) {
     if (reachable[i]) listed_.push_back(i);
   }
+  std::vector<NoRawForm> below;
+  for (NoRawForm& t : no_raw_form_) {
+    if (t.path.starts_with(prefix))
+      below.push_back({t.path.substr(prefix.size()), std::move(t.what)});
+  }
+  no_raw_form_ = std::move(below);
 }
 
 void TensorCatalog::finish() {

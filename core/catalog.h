@@ -102,6 +102,13 @@ class TensorCatalog {
   const std::string& format() const { return format_; }
   bool big_endian() const { return big_endian_; }
   const std::vector<std::string>& warnings() const { return warnings_; }
+  // Tensors with no single raw image (quantized, sparse, nested, ...): where their .json is
+  // (the key's path, relative to the mount root) and what they are.
+  struct NoRawForm {
+    std::string path;
+    std::string what;  // e.g. "quantized tensor (torch.qint8)"
+  };
+  const std::vector<NoRawForm>& no_raw_form() const { return no_raw_form_; }
   // What the container says about its writer ("byteorder record: written by torch >= 2.1").
   const std::vector<std::string>& provenance() const { return provenance_; }
   void add_provenance(std::string fact) { provenance_.push_back(std::move(fact)); }
@@ -147,6 +154,7 @@ class TensorCatalog {
   std::string format_;
   bool big_endian_ = false;
   std::vector<std::string> warnings_;
+  std::vector<NoRawForm> no_raw_form_;
   std::vector<std::string> provenance_;
   std::vector<std::uint32_t> listed_;
   std::vector<std::uint32_t> tensor_parts_;

@@ -484,6 +484,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     append_json_string(out, why);
     out += ", \"pickled\": " + render_json(p.child->value) + "}\n";
     catalog_.warnings_.push_back(why);
+    catalog_.no_raw_form_.push_back({what, p.special + dtype});
     return out;
   };
   for (Pending& p : entries) {

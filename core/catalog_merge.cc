@@ -72,6 +72,7 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
       out.tensor_parts_.push_back(static_cast<std::uint32_t>(p));
     }
     for (std::string& w : part.warnings_) out.warnings_.push_back(part_names[p] + ": " + w);
+    for (NoRawForm& t : part.no_raw_form_) out.no_raw_form_.push_back(std::move(t));
     for (std::string& f : part.provenance_) out.provenance_.push_back(part_names[p] + ": " + f);
     if (std::find(formats.begin(), formats.end(), part.format_) == formats.end())
       formats.push_back(part.format_);

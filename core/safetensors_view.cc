@@ -55,10 +55,11 @@ SafetensorsView::SafetensorsView(const TensorCatalog& catalog, const std::string
       chosen.push_back({i, std::move(key), *st});
     }
   }
-  // Tensors without a raw file (quantized, sparse, nested) are not in tensors() at all: the
-  // builder recorded each as a warning naming it.
-  for (const std::string& w : catalog.warnings()) {
-    if (w.find(": no raw file") != std::string::npos) skipped_.push_back(w);
+  // Tensors without a raw file (quantized, sparse, nested) are not in tensors() at all.
+  for (const auto& t : catalog.no_raw_form()) {
+    std::string key = t.path;
+    std::replace(key.begin(), key.end(), '/', '.');
+    skipped_.push_back(fmt::format("{}: {}, no raw form", key, t.what));
   }
   // First every tensor whose size is a multiple of 8 (each then starts 8-byte aligned), then
   // the rest by element size, largest first (each aligned to its own element size).
