@@ -5,7 +5,6 @@ Every expected value comes from real torch (torch.load of the same file), never 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time

@@ -18,7 +18,7 @@ import zipfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ckptfs_testlib import BINARY, Mount, ReaderProcess, is_mounted, require_fuse, torch_bytes, unmount  # noqa: E402
+from ckptfs_testlib import Mount, ReaderProcess, is_mounted, require_fuse, torch_bytes  # noqa: E402
 
 MIB = 1 << 20
 INJECTOR = os.environ.get("CKPTFS_EIO_INJECTOR", "")

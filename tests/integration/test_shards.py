@@ -9,7 +9,6 @@ import tempfile
 import time
 import unittest
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
