@@ -676,6 +676,21 @@ std::string CatalogBuilder::render_json(ValueId v) {
 
 void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   catalog_.nodes_.clear();
+  // Size the tables once from a count of the tensor calls in the graph: growing them by
+  // doubling would touch (and copy) about twice their final memory, and first touches are
+  // what loading many tensors costs on these VMs.
+  std::size_t calls = 0;
+  for (ValueId v = 0; v < arena_.size(); ++v) {
+    const Value& val = arena_[v];
+    if (val.kind == ValueKind::Object && val.cls != kNoValue &&
+        arena_[val.cls].kind == ValueKind::Global && is_tensor_function(arena_[val.cls].text)) {
+      ++calls;
+    }
+  }
+  calls = std::min(calls, kMaxNodes / 4);
+  catalog_.nodes_.reserve(3 * calls + 16);
+  catalog_.tensors_.reserve(calls);
+  catalog_.storages_.reserve(calls);
   catalog_.format_ = std::move(format);
   catalog_.big_endian_ = big_endian;
   Node r;
