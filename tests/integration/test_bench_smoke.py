@@ -14,44 +14,34 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 class BenchSmokeTest(unittest.TestCase):
-    def test_bench_memory_runs(self):
+    def run_bench(self, script, args, rows, png=None, timeout=600):
+        """Runs scripts/|script| into a temporary docs dir; checks its table has |rows|."""
         require_fuse()
         with tempfile.TemporaryDirectory(prefix="ckptfs-bench-smoke-") as out:
-            r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "scripts", "bench-memory"), "--size-mib", "32",
-                                "--limit-mb", "8", "--out-dir", out, "--binary", BINARY],
-                               capture_output=True, text=True, timeout=600)
+            r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "scripts", script), *args,
+                                "--out-dir", out, "--binary", BINARY],
+                               capture_output=True, text=True, timeout=timeout)
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-            self.assertGreater(os.path.getsize(os.path.join(out, "bench-memory.png")), 10000)
+            if png:
+                self.assertGreater(os.path.getsize(os.path.join(out, png)), 10000)
             with open(os.path.join(out, "benchmarks.md")) as f:
                 md = f.read()
-            for method in ("ckptfs --limit-mb 8", "| mmap |", "| torch.load |"):
-                self.assertIn(method, md)
+            for row in rows:
+                self.assertIn(row, md)
+
+    def test_bench_memory_runs(self):
+        self.run_bench("bench-memory", ["--size-mib", "32", "--limit-mb", "8"],
+                       ["ckptfs --limit-mb 8", "| mmap |", "| torch.load |"], png="bench-memory.png")
 
     def test_bench_throughput_runs(self):
-        require_fuse()
-        with tempfile.TemporaryDirectory(prefix="ckptfs-bench-smoke-") as out:
-            r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "scripts", "bench-throughput"), "--size-mib", "32",
-                                "--tiny-count", "300", "--out-dir", out, "--binary", BINARY],
-                               capture_output=True, text=True, timeout=900)
-            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-            self.assertGreater(os.path.getsize(os.path.join(out, "bench-throughput.png")), 10000)
-            with open(os.path.join(out, "benchmarks.md")) as f:
-                md = f.read()
-            for target in ("| 1 | memmap + bf16 loop", "| 2 | second pass", "| 3 | mount 300 tensors",
-                           "| 3 | daemon memory per tensor", "| 4 | 2 processes"):
-                self.assertIn(target, md)
+        self.run_bench("bench-throughput", ["--size-mib", "32", "--tiny-count", "300"],
+                       ["| 1 | memmap + bf16 loop", "| 2 | second pass", "| 3 | mount 300 tensors",
+                        "| 3 | daemon memory per tensor", "| 4 | 2 processes"],
+                       png="bench-throughput.png", timeout=900)
 
     def test_bench_convert_runs(self):
-        require_fuse()
-        with tempfile.TemporaryDirectory(prefix="ckptfs-bench-smoke-") as out:
-            r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "scripts", "bench-convert"), "--size-mib", "16",
-                                "--limit-mb", "8", "--out-dir", out, "--binary", BINARY],
-                               capture_output=True, text=True, timeout=600)
-            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-            with open(os.path.join(out, "benchmarks.md")) as f:
-                md = f.read()
-            for method in ("| ckptfs convert (--limit-mb 8)", "| cp from a mount", "| torch.load + numpy writer"):
-                self.assertIn(method, md)
+        self.run_bench("bench-convert", ["--size-mib", "16", "--limit-mb", "8"],
+                       ["| ckptfs convert (--limit-mb 8)", "| cp from a mount", "| torch.load + numpy writer"])
 
 
 if __name__ == "__main__":
