@@ -446,6 +446,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   // Names: raw files and directories first (so a sidecar never shadows a tensor), then the
   // .json files; a clash appends ~1, ~2, ... before any ".json".
   std::unordered_set<std::string> taken;
+  taken.reserve(3 * entries.size() + 1);  // up to three names per entry: never rehash
   if (dir == TensorCatalog::kRoot) taken.insert(".ckptfs");
   auto claim = [&taken](const std::string& base, const std::string& ext) {
     std::string name = base + ext;
@@ -691,6 +692,7 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   catalog_.nodes_.reserve(3 * calls + 16);
   catalog_.tensors_.reserve(calls);
   catalog_.storages_.reserve(calls);
+  storage_index_.reserve(calls);
   catalog_.format_ = std::move(format);
   catalog_.big_endian_ = big_endian;
   Node r;

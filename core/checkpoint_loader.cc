@@ -92,6 +92,7 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
   std::unique_ptr<SegmentedSource> segmented;  // only when some record is deflated
   // Storage records are located once per key (their local header is read from the file).
   std::unordered_map<std::string, ResolvedStorage> by_key;
+  by_key.reserve(zip.entries().size());  // at most one storage per record: never rehash
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
     ResolvedStorage r;
     const Value& t = arena[pid];
