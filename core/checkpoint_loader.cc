@@ -192,8 +192,19 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
     source.read_at(0, std::as_writable_bytes(std::span(head)));
     arena = ValueArena();
     PickleReader reader(std::as_bytes(std::span(head)), arena);
+    bool magic_read = false;
     try {
-      ValueId magic = reader.read();
+      ValueId magic = kNoValue;
+      try {
+        magic = reader.read();
+      } catch (const TruncatedPickle&) {
+        throw;
+      } catch (const FormatError& e) {
+        // Only the first bytes looked like a pickle (a random file starting with 'L', say).
+        throw FormatError(
+            fmt::format("not a PyTorch checkpoint (no legacy magic number: {})", e.what()));
+      }
+      magic_read = true;
       const Value& m = arena[magic];
       if (m.kind != ValueKind::BigInt || m.text != "119547037146038801333356") {
         throw FormatError("not a PyTorch checkpoint (legacy magic number missing)");
@@ -209,7 +220,10 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
       break;
     } catch (const TruncatedPickle&) {
       if (want >= source.size() || want >= kMaxPickleBytes) {
-        throw FormatError("legacy torch.save file ends inside its pickles (truncated?)");
+        throw FormatError(magic_read
+                              ? "legacy torch.save file ends inside its pickles (truncated?)"
+                              : "not a PyTorch checkpoint (no legacy magic number: the file ends "
+                                "inside its first pickle)");
       }
     }
   }
