@@ -127,7 +127,12 @@ class StressTest(unittest.TestCase):
         self.assertLessEqual(stats["daemon_resident_bytes"], stats["daemon_budget_bytes"])
         self.assertEqual(fds_after, fds_before, "the daemon leaks file descriptors")
         self.assertTrue(quarter and last, "too few RSS samples")
-        self.assertLessEqual(rss_end - rss_quarter, RSS_GROWTH_LIMIT, "the daemon grows under load")
+        if os.environ.get("CKPTFS_SANITIZED"):
+            # ASan keeps freed memory in its quarantine, so RSS grows by design there; leaks are
+            # LeakSanitizer's job in that run, and this check runs in the plain build.
+            print("stress: daemon RSS growth not judged under a sanitizer build", file=sys.stderr)
+        else:
+            self.assertLessEqual(rss_end - rss_quarter, RSS_GROWTH_LIMIT, "the daemon grows under load")
 
 
 if __name__ == "__main__":
