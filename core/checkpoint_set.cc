@@ -178,6 +178,12 @@ CheckpointSet::CheckpointSet(const std::vector<std::string>& arguments)
   }
 }
 
+std::uint64_t CheckpointSet::file_bytes() const {
+  std::uint64_t total = 0;
+  for (const auto& f : files_) total += f->size();
+  return total;
+}
+
 void CheckpointSet::drop_cache() const {
   for (const auto& f : files_) f->drop_cache();
 }

@@ -31,6 +31,8 @@ class CheckpointSet {
   // For messages and the mount's fsname: the one argument, or "N files".
   const std::string& name() const { return name_; }
   static std::string describe(const std::vector<std::string>& arguments);
+  // The checkpoint files' sizes, summed (as opened: the sources keep them).
+  std::uint64_t file_bytes() const;
   // Drops what loading the metadata left in the page cache of every file.
   void drop_cache() const;
 

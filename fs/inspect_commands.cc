@@ -2,7 +2,6 @@
 
 #include <fmt/format.h>
 #include <fnmatch.h>
-#include <sys/stat.h>
 
 #include <cstdio>
 #include <map>
@@ -92,11 +91,7 @@ int run_inspect_command(int argc, char** argv) {
       ++d.first;
       d.second += t.nbytes;
     }
-    std::uint64_t file_bytes = 0;
-    for (const std::string& f : set->files()) {
-      struct stat st {};
-      if (::stat(f.c_str(), &st) == 0) file_bytes += static_cast<std::uint64_t>(st.st_size);
-    }
+    const std::uint64_t file_bytes = set->file_bytes();
     const std::string files =
         set->files().size() == 1 ? path : fmt::format("{} ({} files)", path, set->files().size());
     std::fputs(
