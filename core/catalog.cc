@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "errors.h"
 #include "json_text.h"
@@ -10,7 +11,7 @@
 namespace ckptfs {
 namespace {
 
-void append_key(std::string& out, const std::vector<KeyPart>& key) {
+void append_key(std::string& out, std::span<const KeyPart> key) {
   out.push_back('[');
   for (std::size_t i = 0; i < key.size(); ++i) {
     if (i) out += ", ";
@@ -26,34 +27,74 @@ void append_key(std::string& out, const std::vector<KeyPart>& key) {
 }  // namespace
 
 NodeIndex TensorCatalog::lookup(NodeIndex dir, std::string_view name) const {
-  const auto& kids = nodes_[dir].children;
+  const auto kids = children(dir);
   auto it =
       std::lower_bound(kids.begin(), kids.end(), name,
-                       [this](NodeIndex n, std::string_view v) { return nodes_[n].name < v; });
-  return it != kids.end() && nodes_[*it].name == name ? *it : kNoNode;
+                       [this](NodeIndex n, std::string_view v) { return nodes_[n].name() < v; });
+  return it != kids.end() && nodes_[*it].name() == name ? *it : kNoNode;
 }
 
 std::string TensorCatalog::relative_path(NodeIndex i) const {
-  std::vector<const std::string*> parts;
+  std::size_t size = 0;
   for (NodeIndex n = i; n != kRoot && n != kNoNode; n = nodes_[n].parent)
-    parts.push_back(&nodes_[n].name);
-  std::string out;
-  for (auto it = parts.rbegin(); it != parts.rend(); ++it) {
-    if (!out.empty()) out.push_back('/');
-    out += **it;
+    size += nodes_[n].name_size + 1;
+  if (size == 0) return {};
+  // Filled from the end: the walk goes from the file up to the root.
+  std::string out(size - 1, '/');
+  std::size_t end = out.size();
+  for (NodeIndex n = i; n != kRoot && n != kNoNode; n = nodes_[n].parent) {
+    const Node& node = nodes_[n];
+    end -= node.name_size;
+    std::memcpy(out.data() + end, node.name_data, node.name_size);
+    if (end > 0) --end;
   }
   return out;
+}
+
+NodeIndex TensorCatalog::add_node(NodeKind kind, NodeIndex parent, std::string_view name,
+                                  std::uint32_t ref) {
+  Node n;
+  std::string_view copy = arena_->add(name);
+  n.name_data = copy.data();
+  n.name_size = static_cast<std::uint32_t>(copy.size());
+  n.parent = parent;
+  n.ref = ref;
+  n.kind = kind;
+  nodes_.push_back(n);
+  return static_cast<NodeIndex>(nodes_.size() - 1);
+}
+
+NodeIndex TensorCatalog::add_directory(NodeIndex parent, std::string_view name) {
+  children_.emplace_back();
+  return add_node(NodeKind::Directory, parent, name,
+                  static_cast<std::uint32_t>(children_.size() - 1));
+}
+
+NodeIndex TensorCatalog::add_json(NodeIndex parent, std::string_view name, std::string text) {
+  texts_.push_back(std::move(text));
+  return add_node(NodeKind::JsonValue, parent, name, static_cast<std::uint32_t>(texts_.size() - 1));
+}
+
+std::size_t TensorCatalog::metadata_bytes() const {
+  std::size_t n = nodes_.capacity() * sizeof(Node) + tensors_.capacity() * sizeof(TensorInfo) +
+                  storages_.capacity() * sizeof(StorageInfo) + arena_->bytes_reserved() +
+                  children_.capacity() * sizeof(children_[0]) + listed_.capacity() * 4 +
+                  tensor_parts_.capacity() * 4 + sidecar_sizes_.size() * 4;
+  for (const auto& a : part_arenas_) n += a->bytes_reserved();
+  for (const auto& c : children_) n += c.capacity() * sizeof(NodeIndex);
+  for (const auto& t : texts_) n += t.capacity() + sizeof(t);
+  return n;
 }
 
 std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
   std::string out = "{\n  \"key\": ";
   append_key(out, t.key);
   out += ",\n  \"path\": ";
-  append_json_string(out, t.path);
+  append_json_string(out, path_of(t));
   out += ",\n  \"dtype\": ";
-  append_json_string(out, t.dtype.name);
+  append_json_string(out, t.dtype->name);
   out += ",\n  \"numpy_dtype\": ";
-  append_json_string(out, t.dtype.numpy_dtype);
+  append_json_string(out, t.dtype->numpy_dtype);
   out += ",\n  \"shape\": ";
   append_json_int_array(out, t.shape);
   out += fmt::format(",\n  \"nbytes\": {}", t.nbytes);
@@ -70,7 +111,7 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
         "would\"",
         t.conj ? "conj" : "", t.conj && t.neg ? "+" : "", t.neg ? "neg" : "");
   }
-  if (t.dtype.name == "bfloat16") {
+  if (t.dtype->name == "bfloat16") {
     out +=
         ",\n  \"note\": \"numpy has no bfloat16: read as <u2 raw bits; float32 = "
         "(bits.astype('<u4') << 16).view('<f4')\"";
@@ -91,7 +132,7 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
   out += fmt::format(",\n    \"storage_offset\": {},\n    \"stride\": ", t.storage_offset);
   append_json_int_array(out, t.stride);
   out += fmt::format(",\n    \"contiguous\": {}\n  }}",
-                     t.layout && t.layout->contiguous() ? "true" : "false");
+                     t.error.empty() && t.layout().contiguous() ? "true" : "false");
   if (!t.error.empty()) {
     out += ",\n  \"error\": ";
     append_json_string(out, t.error);
@@ -102,7 +143,7 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
 
 std::string TensorCatalog::npy_header(const TensorInfo& t) {
   std::string dict =
-      fmt::format("{{'descr': '{}', 'fortran_order': False, 'shape': (", t.dtype.numpy_dtype);
+      fmt::format("{{'descr': '{}', 'fortran_order': False, 'shape': (", t.dtype->numpy_dtype);
   for (std::size_t i = 0; i < t.shape.size(); ++i)
     dict += fmt::format("{}{}", t.shape[i],
                         t.shape.size() == 1      ? ","
@@ -135,13 +176,13 @@ std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset
     out += "{\"key\": ";
     append_key(out, t.key);
     out += ", \"path\": ";
-    append_json_string(out, t.path);
+    append_json_string(out, path_of(t));
     out += ", \"sidecar\": ";
     append_json_string(out, relative_path(t.sidecar_node));
     out += ", \"npy\": ";
     append_json_string(out, relative_path(t.npy_node));
     out += ", \"dtype\": ";
-    append_json_string(out, t.dtype.name);
+    append_json_string(out, t.dtype->name);
     out += ", \"shape\": ";
     append_json_int_array(out, t.shape);
     out += fmt::format(", \"nbytes\": {}", t.nbytes);
@@ -186,25 +227,25 @@ void TensorCatalog::reroot(const std::string& path) {
   // left as it is; only the new root's children and /.ckptfs are relinked.
   std::swap(nodes_[kRoot], nodes_[target]);
   nodes_[kRoot].parent = kNoNode;
-  for (NodeIndex c : nodes_[kRoot].children) nodes_[c].parent = kRoot;
-  nodes_[target].children.clear();
+  for (NodeIndex c : children(kRoot)) nodes_[c].parent = kRoot;
+  children_of(target).clear();
   nodes_[meta].parent = kRoot;
-  nodes_[kRoot].children.push_back(meta);
-  std::sort(nodes_[kRoot].children.begin(), nodes_[kRoot].children.end(),
-            [this](NodeIndex a, NodeIndex b) { return nodes_[a].name < nodes_[b].name; });
+  auto& rc = children_of(kRoot);
+  rc.push_back(meta);
+  std::sort(rc.begin(), rc.end(),
+            [this](NodeIndex a, NodeIndex b) { return nodes_[a].name() < nodes_[b].name(); });
   // Keep the tensors under the new root, with paths relative to it.
   std::vector<NodeIndex> stack = {kRoot};
   std::vector<bool> reachable(tensors_.size(), false);
   while (!stack.empty()) {
     NodeIndex n = stack.back();
     stack.pop_back();
-    for (NodeIndex c : nodes_[n].children) {
+    for (NodeIndex c : children(n)) {
       const Node& node = nodes_[c];
       if (node.kind == NodeKind::Directory) {
         stack.push_back(c);
       } else if (node.kind == NodeKind::TensorData) {
-        reachable[node.tensor] = true;
-        tensors_[node.tensor].path = relative_path(c);
+        reachable[node.tensor()] = true;
       }
     }
   }
@@ -221,24 +262,17 @@ void TensorCatalog::reroot(const std::string& path) {
 }
 
 void TensorCatalog::finish() {
-  auto add = [this](NodeKind kind, NodeIndex parent, std::string name) {
-    Node n;
-    n.kind = kind;
-    n.parent = parent;
-    n.name = std::move(name);
-    nodes_.push_back(std::move(n));
-    return static_cast<NodeIndex>(nodes_.size() - 1);
-  };
-  const NodeIndex meta = add(NodeKind::Directory, kRoot, ".ckptfs");
+  const NodeIndex meta = add_directory(kRoot, ".ckptfs");
   // Children in name order.
-  nodes_[meta].children = {add(NodeKind::IndexFile, meta, "index.json"),
-                           add(NodeKind::SafetensorsFile, meta, "model.safetensors"),
-                           add(NodeKind::StatsFile, meta, "stats")};
-  auto& rc = nodes_[kRoot].children;
+  children_of(meta) = {add_node(NodeKind::IndexFile, meta, "index.json", 0),
+                       add_node(NodeKind::SafetensorsFile, meta, "model.safetensors", 0),
+                       add_node(NodeKind::StatsFile, meta, "stats", 0)};
+  auto& rc = children_of(kRoot);
   rc.insert(std::lower_bound(
                 rc.begin(), rc.end(), meta,
-                [this](NodeIndex a, NodeIndex b) { return nodes_[a].name < nodes_[b].name; }),
+                [this](NodeIndex a, NodeIndex b) { return nodes_[a].name() < nodes_[b].name(); }),
             meta);
+  arena_->stop_interning();
   sidecar_sizes_ = std::vector<std::atomic<std::uint32_t>>(tensors_.size());
   listed_.resize(tensors_.size());
   for (std::uint32_t i = 0; i < listed_.size(); ++i) listed_[i] = i;
@@ -248,16 +282,16 @@ std::uint64_t TensorCatalog::generated_size(NodeIndex i) const {
   const Node& n = nodes_[i];
   switch (n.kind) {
     case NodeKind::TensorSidecar: {
-      std::atomic<std::uint32_t>& cached = sidecar_sizes_[n.tensor];
+      std::atomic<std::uint32_t>& cached = sidecar_sizes_[n.tensor()];
       std::uint32_t size = cached.load(std::memory_order_relaxed);
       if (size == 0) {
-        size = static_cast<std::uint32_t>(sidecar_json(tensors_[n.tensor]).size());
+        size = static_cast<std::uint32_t>(sidecar_json(tensors_[n.tensor()]).size());
         cached.store(size, std::memory_order_relaxed);
       }
       return size;
     }
     case NodeKind::JsonValue:
-      return n.text.size();
+      return texts_[n.ref].size();
     case NodeKind::IndexFile:
       return index_json().size();
     default:

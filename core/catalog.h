@@ -2,7 +2,9 @@
 //
 // Nodes sit in one vector; a node's index is its inode number minus one, so lookups need no
 // map and no lock. Tensor files refer to TensorInfo, which says which storage the bytes come
-// from and how the view maps onto it.
+// from and how the view maps onto it. Names, key paths, shapes and the other per-file strings
+// live in the catalog's CatalogArena; nodes, tensors and storages hold views into it, so a
+// catalog of many small tensors is a few flat tables rather than millions of heap blocks.
 #pragma once
 
 #include <atomic>
@@ -11,10 +13,12 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "catalog_arena.h"
 #include "dtype.h"
 #include "tensor_layout.h"
 
@@ -25,44 +29,52 @@ inline constexpr NodeIndex kNoNode = std::numeric_limits<NodeIndex>::max();
 inline constexpr std::uint32_t kNoStorage = std::numeric_limits<std::uint32_t>::max();
 
 // One step of a tensor's key path from the root object: a dict key or attribute name, or an
-// int dict key / list index.
+// int dict key / list index. In a catalog, |text| points into its arena.
 struct KeyPart {
   bool is_number = false;
   std::int64_t number = 0;
-  std::string text;
+  std::string_view text;
 };
 
-// A contiguous run of checkpoint bytes holding one storage.
+// A contiguous run of checkpoint bytes holding one storage. The strings are in the arena.
 struct StorageInfo {
-  std::string key;           // the persistent-id key, e.g. "0"
-  std::string record;        // e.g. "archive/data/0"
-  std::string location;      // e.g. "cpu", "cuda:0" (metadata only)
-  std::uint64_t offset = 0;  // absolute offset in the checkpoint
+  std::string_view key;       // the persistent-id key, e.g. "0"
+  std::string_view record;    // e.g. "archive/data/0"
+  std::string_view location;  // e.g. "cpu", "cuda:0" (metadata only)
+  std::uint64_t offset = 0;   // absolute offset in the checkpoint
   std::uint64_t nbytes = 0;
 };
 
+// Spans and strings point into the catalog's arena (shapes, strides and wrapper names are
+// shared between tensors that have equal ones).
 struct TensorInfo {
-  std::vector<KeyPart> key;
-  std::string path;  // of the raw file, relative to the mount root
+  std::span<const KeyPart> key;
   // Its three files (raw, .json sidecar, .npy view); their paths come from the tree when
-  // needed (index.json), rather than three strings per tensor.
+  // needed (TensorCatalog::relative_path), rather than strings per tensor.
   NodeIndex data_node = kNoNode;
   NodeIndex sidecar_node = kNoNode;
   NodeIndex npy_node = kNoNode;
-  DType dtype{};
-  std::vector<std::int64_t> shape;
-  std::vector<std::int64_t> stride;
-  std::int64_t storage_offset = 0;  // in elements
   std::uint32_t storage = kNoStorage;
+  const DType* dtype = &kNoDType;
+  std::span<const std::int64_t> shape;
+  std::span<const std::int64_t> stride;
+  std::int64_t storage_offset = 0;  // in elements
   std::uint64_t nbytes = 0;
   bool requires_grad = false;
   // Math bits of newer torch (_rebuild_tensor_v2/v3 metadata): the stored values are to be
   // conjugated / negated; the file holds the logical values.
   bool conj = false;
   bool neg = false;
-  std::string wrapper;                 // e.g. "torch.nn.parameter.Parameter", or a tensor subclass
-  std::string error;                   // non-empty: the file exists but reads fail (EIO); says why
-  std::optional<TensorLayout> layout;  // set when error is empty
+  std::string_view wrapper;  // e.g. "torch.nn.parameter.Parameter", or a tensor subclass
+  // Non-empty: the file exists but reads fail (EIO); says why. Empty: the view was validated
+  // against its storage, so layout() is safe to build.
+  std::string_view error;
+
+  // Built on demand (per read): most tensors are contiguous, and a stored layout would cost
+  // every tensor its size.
+  TensorLayout layout() const {
+    return TensorLayout(shape, stride, storage_offset, dtype->itemsize);
+  }
 };
 
 enum class NodeKind : std::uint8_t {
@@ -76,13 +88,18 @@ enum class NodeKind : std::uint8_t {
   SafetensorsFile,  // /.ckptfs/model.safetensors: every tensor as one safetensors file
 };
 
+// 24 bytes: a checkpoint of many small tensors has three of these per tensor.
 struct Node {
-  NodeKind kind = NodeKind::Directory;
+  const char* name_data = "";  // in the arena, NUL-terminated
+  std::uint32_t name_size = 0;
   NodeIndex parent = kNoNode;
-  std::string name;
-  std::vector<NodeIndex> children;  // Directory: sorted by name
-  std::uint32_t tensor = 0;         // TensorData, TensorSidecar, NpyView
-  std::string text;                 // JsonValue
+  // TensorData, TensorSidecar, NpyView: the tensor's index. Directory: its slot in the
+  // children table; JsonValue: its slot in the texts table (TensorCatalog::children / text).
+  std::uint32_t ref = 0;
+  NodeKind kind = NodeKind::Directory;
+
+  std::string_view name() const { return {name_data, name_size}; }
+  std::uint32_t tensor() const { return ref; }
 };
 
 class TensorCatalog {
@@ -95,6 +112,13 @@ class TensorCatalog {
 
   const Node& node(NodeIndex i) const { return nodes_[i]; }
   std::size_t node_count() const { return nodes_.size(); }
+  // A directory's entries, sorted by name.
+  std::span<const NodeIndex> children(NodeIndex dir) const {
+    if (nodes_[dir].kind != NodeKind::Directory) return {};
+    return children_[nodes_[dir].ref];
+  }
+  // A JsonValue file's content.
+  std::string_view text(NodeIndex i) const { return texts_[nodes_[i].ref]; }
   NodeIndex lookup(NodeIndex dir, std::string_view name) const;
 
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
@@ -140,6 +164,10 @@ class TensorCatalog {
   // Bytes a file's stat reports for generated (non-tensor) files.
   std::uint64_t generated_size(NodeIndex i) const;
   std::string relative_path(NodeIndex i) const;
+  // Where the raw file of |t| is, relative to the mount root.
+  std::string path_of(const TensorInfo& t) const { return relative_path(t.data_node); }
+  // Bytes held for the tree and its tables (not the daemon's other memory).
+  std::size_t metadata_bytes() const;
 
  private:
   friend class CatalogBuilder;
@@ -147,8 +175,17 @@ class TensorCatalog {
   // Adds /.ckptfs (index.json, model.safetensors, stats) to the root, in name order, and sizes
   // the per-tensor tables; the last step of building a tree.
   void finish();
+  NodeIndex add_node(NodeKind kind, NodeIndex parent, std::string_view name, std::uint32_t ref);
+  NodeIndex add_directory(NodeIndex parent, std::string_view name);
+  NodeIndex add_json(NodeIndex parent, std::string_view name, std::string text);
+  std::vector<NodeIndex>& children_of(NodeIndex dir) { return children_[nodes_[dir].ref]; }
 
+  std::unique_ptr<CatalogArena> arena_ = std::make_unique<CatalogArena>();
+  // Merged catalogs keep their parts' arenas alive (their views are moved, not copied).
+  std::vector<std::unique_ptr<CatalogArena>> part_arenas_;
   std::vector<Node> nodes_;
+  std::vector<std::vector<NodeIndex>> children_;  // by Directory node's ref
+  std::vector<std::string> texts_;                // by JsonValue node's ref
   std::vector<TensorInfo> tensors_;
   std::vector<StorageInfo> storages_;
   std::string format_;

@@ -28,7 +28,7 @@ bool is_tensor_function(const std::string& name) {
 
 // The size stat reports, even for a tensor that turns out to be unservable (whose open then
 // fails with EIO): 0 only when the shape itself is nonsense.
-std::uint64_t logical_nbytes(const std::vector<std::int64_t>& shape, std::uint32_t itemsize) {
+std::uint64_t logical_nbytes(std::span<const std::int64_t> shape, std::uint32_t itemsize) {
   std::uint64_t n = itemsize;
   for (auto d : shape) {
     if (d < 0 || __builtin_mul_overflow(n, static_cast<std::uint64_t>(d), &n)) return 0;
@@ -74,14 +74,18 @@ CatalogBuilder::CatalogBuilder(const ValueArena& arena, TensorCatalog& catalog,
                                StorageResolver resolver)
     : arena_(arena), catalog_(catalog), resolve_(std::move(resolver)) {}
 
-NodeIndex CatalogBuilder::add_node(Node n) {
+void CatalogBuilder::check_node_limit() const {
   if (catalog_.nodes_.size() >= kMaxNodes) {
     throw FormatError(fmt::format(
         "checkpoint expands to more than {} files (shared objects referenced too often?)",
         kMaxNodes));
   }
-  catalog_.nodes_.push_back(std::move(n));
-  return static_cast<NodeIndex>(catalog_.nodes_.size() - 1);
+}
+
+KeyPart CatalogBuilder::stable_key(const KeyPart& k, std::string_view name) {
+  KeyPart out = k;
+  if (!k.is_number) out.text = k.text == name ? name : keep(k.text);
+  return out;
 }
 
 bool CatalogBuilder::is_container(ValueId v) const {
@@ -133,7 +137,7 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
     auto inner = parse_rebuild(arena_[argv[0]].text, argv[2], depth + 1);
     if (inner && arena_[argv[1]].kind == ValueKind::Global &&
         arena_[argv[1]].text != "torch.Tensor" && inner->info.wrapper.empty()) {
-      inner->info.wrapper = arena_[argv[1]].text;
+      inner->info.wrapper = shared(arena_[argv[1]].text);
     }
     return inner;
   }
@@ -153,8 +157,8 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
     t.error = "tensor arguments are malformed (size, stride or offset)";
     return p;
   }
-  t.shape = *shape;
-  t.stride = *stride;
+  t.shape = shared(std::span<const std::int64_t>(*shape));
+  t.stride = shared(std::span<const std::int64_t>(*stride));
   t.storage_offset = arena_[argv[1]].integer;
   if (!quantized && argv.size() > 4 && arena_[argv[4]].kind == ValueKind::Bool)
     t.requires_grad = arena_[argv[4]].boolean;
@@ -166,18 +170,18 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
   ResolvedStorage rs = resolve_(arena_[argv[0]].items[0]);
   t.dtype = rs.dtype;
   if (v3) {
-    std::optional<DType> dt;
+    const DType* dt = nullptr;
     if (argv.size() > 6 && arena_[argv[6]].kind == ValueKind::Global)
       dt = dtype_by_name(arena_[argv[6]].text);
     if (!dt) {
       t.error = "unknown dtype in _rebuild_tensor_v3";
       return p;
     }
-    t.dtype = *dt;
+    t.dtype = dt;
   }
-  t.nbytes = logical_nbytes(t.shape, t.dtype.itemsize);
+  t.nbytes = logical_nbytes(t.shape, t.dtype->itemsize);
   if (!rs.error.empty()) {
-    t.error = rs.error;
+    t.error = keep(rs.error);
     return p;
   }
   t.storage = register_storage(rs.storage);
@@ -193,22 +197,21 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
       if (k.text == "conj") t.conj = true;
       if (k.text == "neg") t.neg = true;
     }
-    const std::string_view dn = t.dtype.name;
-    const bool floating = dn.starts_with("float") || dn == "bfloat16" || t.dtype.is_complex;
-    if (t.conj && !t.dtype.is_complex) t.conj = false;  // conj of a real tensor is a no-op
+    const std::string_view dn = t.dtype->name;
+    const bool floating = dn.starts_with("float") || dn == "bfloat16" || t.dtype->is_complex;
+    if (t.conj && !t.dtype->is_complex) t.conj = false;  // conj of a real tensor is a no-op
     if (t.neg && (!floating || dn.ends_with("fnuz"))) {
-      t.error =
-          fmt::format("tensor has the 'neg' bit set on {}, which ckptfs cannot apply exactly", dn);
+      t.error = keep(
+          fmt::format("tensor has the 'neg' bit set on {}, which ckptfs cannot apply exactly", dn));
     }
   }
   const StorageInfo& s = catalog_.storages_[t.storage];
-  if (auto err =
-          TensorLayout::validate(t.shape, t.stride, t.storage_offset, t.dtype.itemsize, s.nbytes)) {
-    t.error = *err;
+  if (auto err = TensorLayout::validate(t.shape, t.stride, t.storage_offset, t.dtype->itemsize,
+                                        s.nbytes)) {
+    t.error = keep(*err);
     return p;
   }
-  t.layout.emplace(t.shape, t.stride, t.storage_offset, t.dtype.itemsize);
-  t.nbytes = t.layout->nbytes();
+  t.nbytes = t.layout().nbytes();
   return p;
 }
 
@@ -221,16 +224,16 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
     p.info.dtype = rs.dtype;
     p.info.wrapper = "storage";
     if (!rs.error.empty()) {
-      p.info.error = rs.error;
+      p.info.error = keep(rs.error);
       return p;
     }
     p.info.storage = register_storage(rs.storage);
     std::uint64_t nbytes = rs.storage.nbytes;
-    std::int64_t numel = static_cast<std::int64_t>(nbytes / rs.dtype.itemsize);
-    p.info.shape = {numel};
-    p.info.stride = {1};
-    p.info.layout.emplace(p.info.shape, p.info.stride, 0, rs.dtype.itemsize);
-    p.info.nbytes = p.info.layout->nbytes();
+    const std::array<std::int64_t, 2> numel_and_one = {
+        static_cast<std::int64_t>(nbytes / rs.dtype->itemsize), 1};
+    p.info.shape = shared(std::span(numel_and_one.data(), 1));
+    p.info.stride = shared(std::span(numel_and_one.data() + 1, 1));
+    p.info.nbytes = p.info.layout().nbytes();
     return p;
   }
   if (val.kind != ValueKind::Object || arena_[val.cls].kind != ValueKind::Global)
@@ -240,11 +243,20 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
   return parse_rebuild(fn, val.args, depth);
 }
 
-std::uint32_t CatalogBuilder::register_storage(const StorageInfo& s) {
-  auto [it, fresh] =
-      storage_index_.emplace(s.key, static_cast<std::uint32_t>(catalog_.storages_.size()));
-  if (fresh) catalog_.storages_.push_back(s);
-  return it->second;
+std::uint32_t CatalogBuilder::register_storage(const StorageSpec& s) {
+  if (auto it = storage_index_.find(s.key); it != storage_index_.end()) return it->second;
+  StorageInfo info;
+  info.record = keep(s.record);
+  // Zip records end with their key ("archive/data/7"): one copy serves both.
+  info.key = info.record.ends_with(s.key) ? info.record.substr(info.record.size() - s.key.size())
+                                          : keep(s.key);
+  info.location = shared(s.location);
+  info.offset = s.offset;
+  info.nbytes = s.nbytes;
+  const auto index = static_cast<std::uint32_t>(catalog_.storages_.size());
+  catalog_.storages_.push_back(info);
+  storage_index_.emplace(info.key, index);
+  return index;
 }
 
 bool CatalogBuilder::contains_tensor(ValueId v, int depth) {
@@ -271,7 +283,9 @@ bool CatalogBuilder::contains_tensor(ValueId v, int depth) {
   return found;
 }
 
-KeyPart CatalogBuilder::key_part(ValueId key) const {
+// The text of a Str key views the pickle's value (alive while building); made-up texts go to
+// the arena.
+KeyPart CatalogBuilder::key_part(ValueId key) {
   const Value& k = arena_[key];
   KeyPart p;
   switch (k.kind) {
@@ -292,25 +306,26 @@ KeyPart CatalogBuilder::key_part(ValueId key) const {
       p.text = k.text;
       break;
     case ValueKind::Float:
-      p.text = fmt::format("{}", k.real);
+      p.text = keep(fmt::format("{}", k.real));
       break;
     case ValueKind::Tuple: {
-      p.text = "(";
+      std::string text = "(";
       for (std::size_t i = 0; i < k.items.size(); ++i) {
         KeyPart sub = key_part(k.items[i]);
-        if (i) p.text += ", ";
-        p.text += sub.is_number ? fmt::format("{}", sub.number) : sub.text;
+        if (i) text += ", ";
+        text += sub.is_number ? fmt::format("{}", sub.number) : std::string(sub.text);
       }
-      p.text += k.items.size() == 1 ? ",)" : ")";
+      text += k.items.size() == 1 ? ",)" : ")";
+      p.text = keep(text);
       break;
     }
     default:
-      p.text = fmt::format("<{}>", static_cast<int>(k.kind));
+      p.text = keep(fmt::format("<{}>", static_cast<int>(k.kind)));
   }
   return p;
 }
 
-std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) const {
+std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) {
   const Value& val = arena_[v];
   std::vector<Child> out;
   auto number = [](std::size_t i) {
@@ -319,9 +334,9 @@ std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) const 
     p.number = static_cast<std::int64_t>(i);
     return p;
   };
-  auto named = [](std::string s) {
+  auto named = [](std::string_view s) {
     KeyPart p;
-    p.text = std::move(s);
+    p.text = s;
     return p;
   };
   auto add_dict = [&](ValueId d) {
@@ -448,26 +463,23 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   std::unordered_set<std::string> taken;
   taken.reserve(3 * entries.size() + 1);  // up to three names per entry: never rehash
   if (dir == TensorCatalog::kRoot) taken.insert(".ckptfs");
-  auto claim = [&taken](const std::string& base, const std::string& ext) {
-    std::string name = base + ext;
+  auto claim = [&taken](const std::string& base, std::string_view ext) {
+    std::string name = base;
+    name += ext;
     for (int n = 1; !taken.insert(name).second; ++n) name = fmt::format("{}~{}{}", base, n, ext);
     return name;
   };
-  auto add_json = [&](std::string name, std::string text) {
-    Node j;
-    j.kind = NodeKind::JsonValue;
-    j.parent = dir;
-    j.name = std::move(name);
-    j.text = std::move(text);
-    NodeIndex n = add_node(std::move(j));
-    catalog_.nodes_[dir].children.push_back(n);
+  auto add_json = [&](const std::string& name, std::string text) {
+    check_node_limit();
+    NodeIndex n = catalog_.add_json(dir, name, std::move(text));
+    catalog_.children_of(dir).push_back(n);
     return n;
   };
   // What a tensor without a raw file is, and where its parts are (if it has any).
   auto describe = [&](const Pending& p, const std::string& json_path, const std::string& parts) {
     std::string what =
         json_path.substr(0, json_path.size() - 5);  // the key's path, without ".json"
-    std::string dtype = p.tensor ? fmt::format(" (torch.{})", p.tensor->info.dtype.name) : "";
+    std::string dtype = p.tensor ? fmt::format(" (torch.{})", p.tensor->info.dtype->name) : "";
     std::string why =
         parts.empty()
             ? fmt::format("{} '{}'{}: no raw file, see {}", p.special, what, dtype, json_path)
@@ -477,7 +489,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     append_json_string(out, p.special);
     if (p.tensor) {
       out += ", \"dtype\": ";
-      append_json_string(out, p.tensor->info.dtype.name);
+      append_json_string(out, p.tensor->info.dtype->name);
       out += ", \"shape\": ";
       append_json_int_array(out, p.tensor->info.shape);
     }
@@ -491,67 +503,64 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   for (Pending& p : entries) {
     if (p.what != Pending::Json) {
       const KeyPart& k = p.child->key;
-      p.primary = claim(escape_name(k.is_number ? fmt::format("{}", k.number) : k.text), "");
+      p.primary =
+          claim(k.is_number ? escape_name(fmt::format("{}", k.number)) : escape_name(k.text), "");
     }
   }
   std::string dir_prefix = catalog_.relative_path(dir);
   if (!dir_prefix.empty()) dir_prefix.push_back('/');
   for (Pending& p : entries) {
     const KeyPart& k = p.child->key;
-    key.push_back(k);
     if (p.what == Pending::Tensor) {
       std::string sidecar = claim(p.primary, ".json");
       std::string npy = claim(p.primary, ".npy");
-      TensorInfo info = std::move(p.tensor->info);
-      info.key = key;
+      TensorInfo info = p.tensor->info;
       auto tensor_index = static_cast<std::uint32_t>(catalog_.tensors_.size());
-      auto add_tensor_file = [&](NodeKind kind, std::string name) {
-        Node n;
-        n.kind = kind;
-        n.parent = dir;
-        n.name = std::move(name);
-        n.tensor = tensor_index;
-        NodeIndex index = add_node(std::move(n));
-        catalog_.nodes_[dir].children.push_back(index);
+      auto add_tensor_file = [&](NodeKind kind, std::string_view name) {
+        check_node_limit();
+        NodeIndex index = catalog_.add_node(kind, dir, name, tensor_index);
+        catalog_.children_of(dir).push_back(index);
         return index;
       };
-      info.path = dir_prefix + p.primary;
       if (!info.error.empty()) {
-        catalog_.warnings_.push_back(fmt::format("tensor '{}': {} (reads return EIO; see {}{})",
-                                                 info.path, info.error, dir_prefix, sidecar));
+        catalog_.warnings_.push_back(fmt::format("tensor '{}{}': {} (reads return EIO; see {}{})",
+                                                 dir_prefix, p.primary, info.error, dir_prefix,
+                                                 sidecar));
       }
-      info.data_node = add_tensor_file(NodeKind::TensorData, std::move(p.primary));
-      info.sidecar_node = add_tensor_file(NodeKind::TensorSidecar, std::move(sidecar));
-      info.npy_node = add_tensor_file(NodeKind::NpyView, std::move(npy));
-      catalog_.tensors_.push_back(std::move(info));
+      info.data_node = add_tensor_file(NodeKind::TensorData, p.primary);
+      info.sidecar_node = add_tensor_file(NodeKind::TensorSidecar, sidecar);
+      info.npy_node = add_tensor_file(NodeKind::NpyView, npy);
+      key.push_back(stable_key(k, catalog_.nodes_[info.data_node].name()));
+      info.key = catalog_.arena_->add(std::span<const KeyPart>(key));
+      key.pop_back();
+      catalog_.tensors_.push_back(info);
     } else if (p.what == Pending::Dir) {
-      Node d;
-      d.kind = NodeKind::Directory;
-      d.parent = dir;
-      d.name = p.primary;
-      NodeIndex child_dir = add_node(std::move(d));
-      catalog_.nodes_[dir].children.push_back(child_dir);
+      check_node_limit();
+      NodeIndex child_dir = catalog_.add_directory(dir, p.primary);
+      catalog_.children_of(dir).push_back(child_dir);
+      key.push_back(stable_key(k, catalog_.nodes_[child_dir].name()));
       fill_directory(child_dir, p.child->value, key, depth + 1);
+      key.pop_back();
       if (!p.special.empty()) {
         std::string name = claim(p.primary, ".json");
         std::string parts = catalog_.relative_path(child_dir);
         NodeIndex n = add_json(name, "");
-        catalog_.nodes_[n].text = describe(p, catalog_.relative_path(n), parts);
+        catalog_.texts_[catalog_.nodes_[n].ref] = describe(p, catalog_.relative_path(n), parts);
       }
     } else {
-      std::string name =
-          claim(escape_name(k.is_number ? fmt::format("{}", k.number) : k.text), ".json");
+      std::string name = claim(
+          k.is_number ? escape_name(fmt::format("{}", k.number)) : escape_name(k.text), ".json");
       NodeIndex n = add_json(name, "");
-      catalog_.nodes_[n].text = p.special.empty() ? render_json(p.child->value)
-                                                  : describe(p, catalog_.relative_path(n), "");
+      catalog_.texts_[catalog_.nodes_[n].ref] = p.special.empty()
+                                                    ? render_json(p.child->value)
+                                                    : describe(p, catalog_.relative_path(n), "");
     }
-    key.pop_back();
   }
-  // Sorted by name for lookups. The views stay valid: no node is added while sorting.
-  auto& ch = catalog_.nodes_[dir].children;
+  // Sorted by name for lookups.
+  auto& ch = catalog_.children_of(dir);
   std::vector<std::pair<std::string_view, NodeIndex>> by_name;
   by_name.reserve(ch.size());
-  for (NodeIndex c : ch) by_name.emplace_back(catalog_.nodes_[c].name, c);
+  for (NodeIndex c : ch) by_name.emplace_back(catalog_.nodes_[c].name(), c);
   std::sort(by_name.begin(), by_name.end());
   for (std::size_t i = 0; i < ch.size(); ++i) ch[i] = by_name[i].second;
 }
@@ -615,7 +624,11 @@ void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<
       for (std::size_t i = 0; i + 1 < val.items.size(); i += 2) {
         if (i) out += ", ";
         KeyPart k = key_part(val.items[i]);
-        append_json_string(out, k.is_number ? fmt::format("{}", k.number) : k.text);
+        if (k.is_number) {
+          append_json_string(out, fmt::format("{}", k.number));
+        } else {
+          append_json_string(out, k.text);
+        }
         out += ": ";
         render(out, val.items[i + 1], depth + 1, on_path);
       }
@@ -677,6 +690,8 @@ std::string CatalogBuilder::render_json(ValueId v) {
 
 void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   catalog_.nodes_.clear();
+  catalog_.children_.clear();
+  catalog_.texts_.clear();
   // Size the tables once from a count of the tensor calls in the graph: growing them by
   // doubling would touch (and copy) about twice their final memory, and first touches are
   // what loading many tensors costs on these VMs.
@@ -695,10 +710,7 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   storage_index_.reserve(calls);
   catalog_.format_ = std::move(format);
   catalog_.big_endian_ = big_endian;
-  Node r;
-  r.kind = NodeKind::Directory;
-  r.parent = kNoNode;
-  add_node(std::move(r));
+  catalog_.add_directory(kNoNode, "");
   // The root object is rarely anything but a container; if it is a tensor or a leaf, the root
   // directory holds it as one entry, "tensor" or "value".
   std::vector<KeyPart> key_path;
@@ -708,7 +720,7 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
     name.text = parse_tensor(root, 0) ? "tensor" : "value";
     fill_entries(TensorCatalog::kRoot, {Child{name, root}}, key_path, 0);
     // The synthetic name is not part of the checkpoint's key path.
-    for (TensorInfo& t : catalog_.tensors_) t.key.clear();
+    for (TensorInfo& t : catalog_.tensors_) t.key = {};
   } else {
     fill_directory(TensorCatalog::kRoot, root, key_path, 0);
   }

@@ -18,11 +18,20 @@
 
 namespace ckptfs {
 
+// A storage as a loader finds it; the builder copies it into the catalog (as a StorageInfo).
+struct StorageSpec {
+  std::string key;       // the persistent-id key, e.g. "0"
+  std::string record;    // e.g. "archive/data/0"
+  std::string location;  // e.g. "cpu", "cuda:0" (metadata only)
+  std::uint64_t offset = 0;
+  std::uint64_t nbytes = 0;
+};
+
 // What a storage persistent id resolves to: a storage of the catalog and the element type of
 // its pickled storage class; or |error| saying why it cannot be served.
 struct ResolvedStorage {
-  StorageInfo storage;  // |storage.key| identifies it; the builder registers each key once
-  DType dtype{};
+  StorageSpec storage;  // |storage.key| identifies it; the builder registers each key once
+  const DType* dtype = &kNoDType;
   std::string error;
 };
 using StorageResolver = std::function<ResolvedStorage(ValueId persistent_id)>;
@@ -46,17 +55,25 @@ class CatalogBuilder {
   };
 
   std::optional<ParsedTensor> parse_tensor(ValueId v, int depth);
-  std::uint32_t register_storage(const StorageInfo& s);
+  std::uint32_t register_storage(const StorageSpec& s);
+  // Copies into the catalog's arena: |keep| for one-off strings, |shared| for repeated ones.
+  std::string_view keep(std::string_view s) { return catalog_.arena_->add(s); }
+  std::string_view shared(std::string_view s) { return catalog_.arena_->intern(s); }
+  std::span<const std::int64_t> shared(std::span<const std::int64_t> v) {
+    return catalog_.arena_->intern(v);
+  }
+  // |k| with its text in the arena, sharing |name|'s bytes when they are equal.
+  KeyPart stable_key(const KeyPart& k, std::string_view name);
   std::optional<ParsedTensor> parse_rebuild(const std::string& fn, ValueId args, int depth);
   bool contains_tensor(ValueId v, int depth);
   bool is_container(ValueId v) const;
-  std::vector<Child> children_of(ValueId v) const;
-  KeyPart key_part(ValueId key) const;
+  std::vector<Child> children_of(ValueId v);
+  KeyPart key_part(ValueId key);
   void fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPart>& key, int depth);
   // Names and adds |kids| (already deduplicated) to |dir|.
   void fill_entries(NodeIndex dir, const std::vector<Child>& kids, std::vector<KeyPart>& key,
                     int depth);
-  NodeIndex add_node(Node n);
+  void check_node_limit() const;
   void render(std::string& out, ValueId v, int depth, std::vector<ValueId>& on_path);
   std::string render_json(ValueId v);
 
@@ -64,7 +81,7 @@ class CatalogBuilder {
   TensorCatalog& catalog_;
   StorageResolver resolve_;
   std::unordered_map<ValueId, std::int8_t> has_tensor_;  // 1 yes, 0 no, -1 being computed
-  std::unordered_map<std::string, std::uint32_t> storage_index_;
+  std::unordered_map<std::string_view, std::uint32_t> storage_index_;  // keys in the arena
 };
 
 }  // namespace ckptfs

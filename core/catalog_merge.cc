@@ -14,13 +14,11 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
                                    const std::vector<std::uint64_t>& storage_bases,
                                    const std::vector<std::string>& part_names) {
   TensorCatalog out;
-  out.nodes_.emplace_back();               // the root directory
+  out.add_directory(kNoNode, "");          // the root directory
   std::vector<std::uint32_t> owner = {0};  // which part put each node there (for messages)
   // (directory, name) -> node, for the directories of |out| as they fill.
   std::unordered_map<std::string, NodeIndex> by_name;
-  auto slot = [](NodeIndex dir, const std::string& name) {
-    return fmt::format("{}/{}", dir, name);
-  };
+  auto slot = [](NodeIndex dir, std::string_view name) { return fmt::format("{}/{}", dir, name); };
   std::vector<std::string> formats;
   for (std::size_t p = 0; p < parts.size(); ++p) {
     TensorCatalog& part = parts[p];
@@ -36,10 +34,10 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
     while (!stack.empty()) {
       auto [from_dir, to_dir] = stack.back();
       stack.pop_back();
-      for (NodeIndex c : part.nodes_[from_dir].children) {
-        Node& n = part.nodes_[c];
-        if (from_dir == kRoot && n.name == ".ckptfs") continue;
-        auto [it, fresh] = by_name.emplace(slot(to_dir, n.name), kNoNode);
+      for (NodeIndex c : part.children(from_dir)) {
+        const Node& n = part.nodes_[c];
+        if (from_dir == kRoot && n.name() == ".ckptfs") continue;
+        auto [it, fresh] = by_name.emplace(slot(to_dir, n.name()), kNoNode);
         if (!fresh) {
           const Node& there = out.nodes_[it->second];
           if (n.kind == NodeKind::Directory && there.kind == NodeKind::Directory) {
@@ -49,19 +47,27 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
           throw FormatError(fmt::format("'{}' is in both '{}' and '{}'", part.relative_path(c),
                                         part_names[owner[it->second]], part_names[p]));
         }
-        Node copy;
-        copy.kind = n.kind;
+        // The name stays in the part's arena, which |out| keeps.
+        Node copy = n;
         copy.parent = to_dir;
-        copy.name = std::move(n.name);
-        copy.text = std::move(n.text);
-        copy.tensor = n.tensor + tensor_base;
+        if (n.kind == NodeKind::Directory) {
+          copy.ref = static_cast<std::uint32_t>(out.children_.size());
+          out.children_.emplace_back();
+        } else if (n.kind == NodeKind::JsonValue) {
+          copy.ref = static_cast<std::uint32_t>(out.texts_.size());
+          out.texts_.push_back(std::move(part.texts_[n.ref]));
+        } else {
+          copy.ref = n.ref + tensor_base;
+        }
         it->second = static_cast<NodeIndex>(out.nodes_.size());
-        out.nodes_.push_back(std::move(copy));
+        out.nodes_.push_back(copy);
         owner.push_back(static_cast<std::uint32_t>(p));
-        out.nodes_[to_dir].children.push_back(it->second);
+        out.children_of(to_dir).push_back(it->second);
         if (n.kind == NodeKind::Directory) stack.emplace_back(c, it->second);
       }
     }
+    out.part_arenas_.push_back(std::move(part.arena_));
+    for (auto& a : part.part_arenas_) out.part_arenas_.push_back(std::move(a));
     for (StorageInfo& s : part.storages_) {
       s.offset += storage_bases[p];
       out.storages_.push_back(std::move(s));
@@ -77,20 +83,20 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
     if (std::find(formats.begin(), formats.end(), part.format_) == formats.end())
       formats.push_back(part.format_);
   }
-  for (Node& n : out.nodes_) {
-    std::sort(n.children.begin(), n.children.end(),
-              [&out](NodeIndex a, NodeIndex b) { return out.nodes_[a].name < out.nodes_[b].name; });
+  for (auto& children : out.children_) {
+    std::sort(children.begin(), children.end(), [&out](NodeIndex a, NodeIndex b) {
+      return out.nodes_[a].name() < out.nodes_[b].name();
+    });
   }
-  // Paths and file nodes are the merged tree's.
+  // File nodes are the merged tree's.
   for (NodeIndex i = 0; i < out.nodes_.size(); ++i) {
     const Node& n = out.nodes_[i];
     if (n.kind == NodeKind::TensorData) {
-      out.tensors_[n.tensor].data_node = i;
-      out.tensors_[n.tensor].path = out.relative_path(i);
+      out.tensors_[n.tensor()].data_node = i;
     } else if (n.kind == NodeKind::TensorSidecar) {
-      out.tensors_[n.tensor].sidecar_node = i;
+      out.tensors_[n.tensor()].sidecar_node = i;
     } else if (n.kind == NodeKind::NpyView) {
-      out.tensors_[n.tensor].npy_node = i;
+      out.tensors_[n.tensor()].npy_node = i;
     }
   }
   std::string joined;

@@ -25,7 +25,7 @@ constexpr std::array<unsigned char, 15> kLegacyMagic = {
 
 // The fields of a ('storage', type, key, location, numel[, view_metadata]) persistent id.
 struct StoragePid {
-  DType dtype;
+  const DType* dtype = &kNoDType;
   std::string key;
   std::string location;
   std::int64_t numel = -1;
@@ -42,7 +42,7 @@ std::variant<StoragePid, std::string> parse_storage_pid(const ValueArena& arena,
   }
   auto dt = dtype_of_storage_class(arena[t.items[1]].text);
   if (!dt) return fmt::format("unknown storage type '{}'", arena[t.items[1]].text);
-  StoragePid p{*dt, arena[t.items[2]].text, "", -1, kNoValue};
+  StoragePid p{dt, arena[t.items[2]].text, "", -1, kNoValue};
   if (arena[t.items[3]].kind == ValueKind::Str) p.location = arena[t.items[3]].text;
   if (arena[t.items[4]].kind == ValueKind::Int) p.numel = arena[t.items[4]].integer;
   if (t.items.size() > 5 && arena[t.items[5]].kind == ValueKind::Tuple) p.view = t.items[5];
@@ -110,10 +110,10 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
     const std::string& key = arena[t.items[2]].text;
     if (auto it = by_key.find(key); it != by_key.end()) {
       ResolvedStorage known = it->second;
-      known.dtype = *dt;  // each reference names its own element type
+      known.dtype = dt;  // each reference names its own element type
       return known;
     }
-    r.dtype = *dt;
+    r.dtype = dt;
     std::string record = prefix + "data/" + key;
     r.storage.key = key;
     r.storage.record = record;
@@ -240,7 +240,7 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
     if (auto* sp = std::get_if<StoragePid>(&parsed)) first_ref.emplace(sp->key, *sp);
   }
   // One pass over the 8-byte headers; the data itself is not read.
-  std::unordered_map<std::string, StorageInfo> located;
+  std::unordered_map<std::string, StorageSpec> located;
   std::uint64_t pos = data_start;
   for (ValueId k : arena[keys].items) {
     if (arena[k].kind != ValueKind::Str) throw FormatError("legacy storage key is not a string");
@@ -256,12 +256,12 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
     source.read_at(pos, count_bytes);
     std::uint64_t count = load_le<std::uint64_t>(count_bytes.data());
     std::uint64_t nbytes = 0;
-    if (__builtin_mul_overflow(count, std::uint64_t{ref->second.dtype.itemsize}, &nbytes) ||
+    if (__builtin_mul_overflow(count, std::uint64_t{ref->second.dtype->itemsize}, &nbytes) ||
         nbytes > source.size() - pos - 8) {
       throw FormatError(fmt::format(
           "legacy storage '{}' declares {} elements, more than the file holds", key, count));
     }
-    StorageInfo s;
+    StorageSpec s;
     s.key = key;
     s.record = fmt::format("storage {} (legacy stream)", key);
     s.location = ref->second.location;
@@ -295,8 +295,8 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
         r.error = "malformed legacy storage view";
         return r;
       }
-      std::uint64_t off = static_cast<std::uint64_t>(arena[v[1]].integer) * sp.dtype.itemsize;
-      std::uint64_t len = static_cast<std::uint64_t>(arena[v[2]].integer) * sp.dtype.itemsize;
+      std::uint64_t off = static_cast<std::uint64_t>(arena[v[1]].integer) * sp.dtype->itemsize;
+      std::uint64_t len = static_cast<std::uint64_t>(arena[v[2]].integer) * sp.dtype->itemsize;
       if (off > r.storage.nbytes || len > r.storage.nbytes - off) {
         r.error = "legacy storage view reaches outside its storage";
         return r;

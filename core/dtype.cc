@@ -43,24 +43,26 @@ constexpr std::array kTable = {
 
 }  // namespace
 
-std::optional<DType> dtype_by_name(std::string_view name) {
+const DType kNoDType{"", 0, ""};
+
+const DType* dtype_by_name(std::string_view name) {
   if (name.starts_with("torch.")) name.remove_prefix(6);
   for (const auto& e : kTable) {
-    if (e.dtype.name == name) return e.dtype;
+    if (e.dtype.name == name) return &e.dtype;
   }
-  return std::nullopt;
+  return nullptr;
 }
 
-std::optional<DType> dtype_of_storage_class(std::string_view global_name) {
+const DType* dtype_of_storage_class(std::string_view global_name) {
   auto dot = global_name.rfind('.');
   std::string_view cls = dot == std::string_view::npos ? global_name : global_name.substr(dot + 1);
   if (cls == "UntypedStorage" || cls == "TypedStorage") {
     return dtype_by_name("uint8");  // bytes; a v3 rebuild names the real dtype
   }
   for (const auto& e : kTable) {
-    if (e.storage_class == cls) return e.dtype;
+    if (e.storage_class == cls) return &e.dtype;
   }
-  return std::nullopt;
+  return nullptr;
 }
 
 }  // namespace ckptfs

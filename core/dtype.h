@@ -2,7 +2,6 @@
 #pragma once
 
 #include <cstdint>
-#include <optional>
 #include <string_view>
 
 namespace ckptfs {
@@ -15,12 +14,18 @@ struct DType {
   bool is_quantized = false;     // raw integer codes; needs scale/zero point to mean anything
 };
 
+// What a tensor whose element type could not be determined reports (its reads fail anyway).
+extern const DType kNoDType;
+
+// The lookups return entries of one static table (nullptr: unknown), so a tensor holds its
+// dtype as a pointer rather than a copy.
+
 // Looks a dtype up by torch name ("float32") or by the GLOBAL that pickles it ("torch.float32").
-std::optional<DType> dtype_by_name(std::string_view name);
+const DType* dtype_by_name(std::string_view name);
 
 // Maps a pickled storage class (e.g. "torch.FloatStorage", "torch.cuda.HalfStorage",
 // "torch.UntypedStorage") to the element type of that storage. Like torch, only the class name
 // matters, not the module.
-std::optional<DType> dtype_of_storage_class(std::string_view global_name);
+const DType* dtype_of_storage_class(std::string_view global_name);
 
 }  // namespace ckptfs

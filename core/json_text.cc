@@ -77,7 +77,7 @@ void append_json_number(std::string& out, double v) {
   }
 }
 
-void append_json_int_array(std::string& out, const std::vector<std::int64_t>& v) {
+void append_json_int_array(std::string& out, std::span<const std::int64_t> v) {
   out.push_back('[');
   for (std::size_t i = 0; i < v.size(); ++i) {
     if (i) out += ", ";

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -17,6 +18,6 @@ void append_json_string(std::string& out, std::string_view s);
 // float() reads: "nan", "inf", "-inf".
 void append_json_number(std::string& out, double v);
 
-void append_json_int_array(std::string& out, const std::vector<std::int64_t>& v);
+void append_json_int_array(std::string& out, std::span<const std::int64_t> v);
 
 }  // namespace ckptfs

@@ -126,7 +126,7 @@ TensorCatalog load_safetensors(const ByteSource& source) {
   };
   Value root;
   root.kind = ValueKind::Dict;
-  std::unordered_map<std::string, StorageInfo> storages;
+  std::unordered_map<std::string, StorageSpec> storages;
   std::unordered_map<std::string, std::string> tensor_errors;
   const ValueId rebuild = global("torch._utils._rebuild_tensor_v3");
   const ValueId untyped = global("torch.UntypedStorage");
@@ -176,7 +176,7 @@ TensorCatalog load_safetensors(const ByteSource& source) {
     }
     std::string st_dtype = spec["dtype"].get<std::string>();
     auto dn = dtype_names().find(st_dtype);
-    std::optional<DType> dt = dn == dtype_names().end() ? std::nullopt : dtype_by_name(dn->second);
+    const DType* dt = dn == dtype_names().end() ? nullptr : dtype_by_name(dn->second);
     // C-contiguous strides, checked: the layout validation refuses what does not fit.
     std::vector<ValueId> stride_items(shape.size());
     std::int64_t run = 1;
@@ -185,7 +185,7 @@ TensorCatalog load_safetensors(const ByteSource& source) {
       if (__builtin_mul_overflow(run, std::max<std::int64_t>(shape[d], 1), &run)) run = INT64_MAX;
     }
     std::string key = name;  // one storage per tensor, named after it
-    StorageInfo s;
+    StorageSpec s;
     s.key = key;
     s.record = fmt::format("safetensors data [{}, {})", begin, end);
     s.location = "cpu";
@@ -232,7 +232,7 @@ TensorCatalog load_safetensors(const ByteSource& source) {
     ResolvedStorage r;
     const std::string& key = arena[arena[pid].items[2]].text;
     r.storage = storages.at(key);
-    r.dtype = *dtype_by_name("uint8");
+    r.dtype = dtype_by_name("uint8");
     if (auto e = tensor_errors.find(key); e != tensor_errors.end()) r.error = e->second;
     return r;
   };

@@ -18,13 +18,18 @@ constexpr std::uint64_t kMaxHeader = 100'000'000;
 
 // The key path below the mount root, joined with '.': as many trailing key parts as the
 // file's path has components (--root drops the leading ones).
-std::string dotted_key(const TensorInfo& t) {
-  const auto depth = static_cast<std::size_t>(std::count(t.path.begin(), t.path.end(), '/')) + 1;
-  if (t.key.size() < depth) return t.path;  // the root object itself is the tensor
+std::string dotted_key(const TensorCatalog& c, const TensorInfo& t) {
+  std::size_t depth = 0;
+  for (NodeIndex n = t.data_node; n != TensorCatalog::kRoot; n = c.node(n).parent) ++depth;
+  if (t.key.size() < depth) return c.path_of(t);  // the root object itself is the tensor
   std::string out;
   for (std::size_t i = t.key.size() - depth; i < t.key.size(); ++i) {
     if (!out.empty()) out.push_back('.');
-    out += t.key[i].is_number ? fmt::format("{}", t.key[i].number) : t.key[i].text;
+    if (t.key[i].is_number) {
+      out += fmt::format("{}", t.key[i].number);
+    } else {
+      out += t.key[i].text;
+    }
   }
   return out;
 }
@@ -42,13 +47,13 @@ SafetensorsView::SafetensorsView(const TensorCatalog& catalog, const std::string
   std::unordered_set<std::string> keys;
   for (std::uint32_t i : catalog.listed()) {
     const TensorInfo& t = catalog.tensors()[i];
-    std::string key = dotted_key(t);
-    auto st = safetensors_dtype_of(t.dtype.name);
+    std::string key = dotted_key(catalog, t);
+    auto st = safetensors_dtype_of(t.dtype->name);
     if (!t.error.empty()) {
       skipped_.push_back(fmt::format("{}: {}", key, t.error));
     } else if (!st) {
       skipped_.push_back(
-          fmt::format("{}: safetensors has no dtype for torch.{}", key, t.dtype.name));
+          fmt::format("{}: safetensors has no dtype for torch.{}", key, t.dtype->name));
     } else if (key == "__metadata__" || !keys.insert(key).second) {
       skipped_.push_back(fmt::format("{}: another tensor already has this dotted key", key));
     } else {
@@ -65,7 +70,7 @@ SafetensorsView::SafetensorsView(const TensorCatalog& catalog, const std::string
   // the rest by element size, largest first (each aligned to its own element size).
   auto rank = [&](const Candidate& c) {
     const TensorInfo& t = catalog.tensors()[c.tensor];
-    return std::pair(t.nbytes % 8 != 0, 16 - t.dtype.itemsize);
+    return std::pair(t.nbytes % 8 != 0, 16 - t.dtype->itemsize);
   };
   std::stable_sort(chosen.begin(), chosen.end(),
                    [&](const Candidate& a, const Candidate& b) { return rank(a) < rank(b); });

@@ -4,8 +4,8 @@
 
 namespace ckptfs {
 
-std::optional<std::string> TensorLayout::validate(const std::vector<std::int64_t>& shape,
-                                                  const std::vector<std::int64_t>& stride,
+std::optional<std::string> TensorLayout::validate(std::span<const std::int64_t> shape,
+                                                  std::span<const std::int64_t> stride,
                                                   std::int64_t storage_offset,
                                                   std::uint32_t itemsize,
                                                   std::uint64_t storage_nbytes) {
@@ -47,8 +47,8 @@ std::optional<std::string> TensorLayout::validate(const std::vector<std::int64_t
   return std::nullopt;
 }
 
-TensorLayout::TensorLayout(const std::vector<std::int64_t>& shape,
-                           const std::vector<std::int64_t>& stride, std::int64_t storage_offset,
+TensorLayout::TensorLayout(std::span<const std::int64_t> shape,
+                           std::span<const std::int64_t> stride, std::int64_t storage_offset,
                            std::uint32_t itemsize) {
   std::uint64_t numel = 1;
   for (auto s : shape) numel *= static_cast<std::uint64_t>(s);

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -17,13 +18,13 @@ class TensorLayout {
  public:
   // Validates the view against |storage_nbytes|: returns an error message if the shape
   // overflows or the view reaches outside the storage (a corrupt or hostile file).
-  static std::optional<std::string> validate(const std::vector<std::int64_t>& shape,
-                                             const std::vector<std::int64_t>& stride,
+  static std::optional<std::string> validate(std::span<const std::int64_t> shape,
+                                             std::span<const std::int64_t> stride,
                                              std::int64_t storage_offset, std::uint32_t itemsize,
                                              std::uint64_t storage_nbytes);
 
   // Precondition: validate() returned no error.
-  TensorLayout(const std::vector<std::int64_t>& shape, const std::vector<std::int64_t>& stride,
+  TensorLayout(std::span<const std::int64_t> shape, std::span<const std::int64_t> stride,
                std::int64_t storage_offset, std::uint32_t itemsize);
 
   std::uint64_t nbytes() const { return nbytes_; }

@@ -11,14 +11,14 @@
 
 namespace ckptfs {
 
-void TensorReader::gather(const TensorInfo& t, std::uint64_t offset,
+void TensorReader::gather(const TensorInfo& t, const TensorLayout& layout, std::uint64_t offset,
                           std::span<std::byte> dst) const {
   const std::uint64_t base = catalog_.storages()[t.storage].offset;
   std::size_t done = 0;
   // Strided views are many short runs, mostly inside one block: keep that block pinned and
   // copy from it directly instead of taking the cache lock per run.
   std::optional<BlockCache::Pin> held;
-  t.layout->for_each_run(offset, dst.size(), [&](std::uint64_t storage_byte, std::uint64_t length) {
+  layout.for_each_run(offset, dst.size(), [&](std::uint64_t storage_byte, std::uint64_t length) {
     std::uint64_t pos = base + storage_byte;
     while (length > 0) {
       if (!held || !held->contains(pos, 1)) {
@@ -35,25 +35,25 @@ void TensorReader::gather(const TensorInfo& t, std::uint64_t offset,
 }
 
 void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const {
-  if (!t.error.empty() || !t.layout)
-    throw FormatError(t.error.empty() ? "tensor has no data" : t.error);
+  if (!t.error.empty()) throw FormatError(std::string(t.error));
   if (offset > t.nbytes || dst.size() > t.nbytes - offset) {
-    throw FormatError(fmt::format("read past the end of tensor '{}'", t.path));
+    throw FormatError(fmt::format("read past the end of tensor '{}'", catalog_.path_of(t)));
   }
-  const std::uint32_t unit = t.dtype.is_complex ? t.dtype.itemsize / 2 : t.dtype.itemsize;
+  const TensorLayout layout = t.layout();
+  const std::uint32_t unit = t.dtype->is_complex ? t.dtype->itemsize / 2 : t.dtype->itemsize;
   const bool swap = catalog_.big_endian() && unit > 1;
   if (!swap && !t.conj && !t.neg) {
-    gather(t, offset, dst);
+    gather(t, layout, offset, dst);
     return;
   }
   // Transform whole elements: widen the range to element boundaries, then copy the asked part.
-  const std::uint64_t first = offset - offset % t.dtype.itemsize;
+  const std::uint64_t first = offset - offset % t.dtype->itemsize;
   const std::uint64_t end = offset + dst.size();
   const std::uint64_t last = std::min<std::uint64_t>(
-      t.nbytes, (end + t.dtype.itemsize - 1) / t.dtype.itemsize * t.dtype.itemsize);
+      t.nbytes, (end + t.dtype->itemsize - 1) / t.dtype->itemsize * t.dtype->itemsize);
   thread_local std::vector<std::byte> scratch;
   scratch.resize(static_cast<std::size_t>(last - first));
-  gather(t, first, scratch);
+  gather(t, layout, first, scratch);
   if (swap) {
     for (std::size_t i = 0; i + unit <= scratch.size(); i += unit) {
       std::reverse(scratch.begin() + static_cast<std::ptrdiff_t>(i),
@@ -64,11 +64,11 @@ void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std
   // the real part (the value, for real types) and the imaginary part; conj negates the
   // imaginary part, so with both set it cancels there.
   const bool flip_real = t.neg;
-  const bool flip_imag = t.dtype.is_complex && t.neg != t.conj;
+  const bool flip_imag = t.dtype->is_complex && t.neg != t.conj;
   if (flip_real || flip_imag) {
-    for (std::size_t e = 0; e + t.dtype.itemsize <= scratch.size(); e += t.dtype.itemsize) {
+    for (std::size_t e = 0; e + t.dtype->itemsize <= scratch.size(); e += t.dtype->itemsize) {
       if (flip_real) scratch[e + unit - 1] ^= std::byte{0x80};
-      if (flip_imag) scratch[e + t.dtype.itemsize - 1] ^= std::byte{0x80};
+      if (flip_imag) scratch[e + t.dtype->itemsize - 1] ^= std::byte{0x80};
     }
   }
   std::memcpy(dst.data(), scratch.data() + (offset - first), dst.size());

@@ -20,7 +20,8 @@ class TensorReader {
   void read(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const;
 
  private:
-  void gather(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const;
+  void gather(const TensorInfo& t, const TensorLayout& layout, std::uint64_t offset,
+              std::span<std::byte> dst) const;
 
   const TensorCatalog& catalog_;
   BlockCache& cache_;

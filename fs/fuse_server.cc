@@ -54,7 +54,7 @@ struct stat make_stat(const MountState& s, NodeIndex i) {
       st.st_nlink = 2;
       break;
     case NodeKind::TensorData: {
-      const TensorInfo& t = s.catalog.tensors()[n.tensor];
+      const TensorInfo& t = s.catalog.tensors()[n.tensor()];
       st.st_mode = S_IFREG | 0444;
       st.st_nlink = 1;
       st.st_size = static_cast<off_t>(t.nbytes);
@@ -64,7 +64,7 @@ struct stat make_stat(const MountState& s, NodeIndex i) {
     case NodeKind::NpyView: {
       // The same bytes as the raw file behind a small header: no blocks, so du counts the
       // tensor once.
-      const TensorInfo& t = s.catalog.tensors()[n.tensor];
+      const TensorInfo& t = s.catalog.tensors()[n.tensor()];
       st.st_mode = S_IFREG | 0444;
       st.st_nlink = 1;
       st.st_size = static_cast<off_t>(TensorCatalog::npy_header(t).size() + t.nbytes);
@@ -159,12 +159,13 @@ void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plu
   // Offsets: 0 = ".", 1 = "..", 2 + k = the k-th child.
   std::vector<char> buf(size);
   std::size_t used = 0;
-  const auto total = static_cast<off_t>(d.children.size() + 2);
+  const auto children = s.catalog.children(dir);
+  const auto total = static_cast<off_t>(children.size() + 2);
   for (off_t pos = off; pos < total; ++pos) {
     NodeIndex target = pos == 0   ? dir
                        : pos == 1 ? (d.parent == kNoNode ? dir : d.parent)
-                                  : d.children[static_cast<std::size_t>(pos - 2)];
-    const char* name = pos == 0 ? "." : pos == 1 ? ".." : s.catalog.node(target).name.c_str();
+                                  : children[static_cast<std::size_t>(pos - 2)];
+    const char* name = pos == 0 ? "." : pos == 1 ? ".." : s.catalog.node(target).name_data;
     struct stat st = make_stat(s, target);
     std::size_t need;
     if (plus) {
@@ -211,9 +212,9 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   }
   // A tensor that cannot be served fails loudly at open: never an empty or partial file.
   if ((n.kind == NodeKind::TensorData || n.kind == NodeKind::NpyView) &&
-      !s.catalog.tensors()[n.tensor].error.empty()) {
+      !s.catalog.tensors()[n.tensor()].error.empty()) {
     log_error(s, fmt::format("open of '{}': {}", s.catalog.relative_path(i),
-                             s.catalog.tensors()[n.tensor].error));
+                             s.catalog.tensors()[n.tensor()].error));
     fuse_reply_err(req, EIO);
     return;
   }
@@ -258,7 +259,7 @@ std::span<std::byte> reply_buffer(std::size_t len) {
 void reply_tensor(MountState& s, fuse_req_t req, fuse_ino_t ino, const TensorInfo& t,
                   std::string_view header, size_t size, off_t off) {
   if (!t.error.empty()) {
-    log_error(s, fmt::format("read of '{}': {}", t.path, t.error));
+    log_error(s, fmt::format("read of '{}': {}", s.catalog.path_of(t), t.error));
     fuse_reply_err(req, EIO);
     return;
   }
@@ -306,18 +307,19 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
   try {
     switch (n.kind) {
       case NodeKind::TensorData:
-        reply_tensor(s, req, ino, s.catalog.tensors()[n.tensor], "", size, off);
+        reply_tensor(s, req, ino, s.catalog.tensors()[n.tensor()], "", size, off);
         return;
       case NodeKind::NpyView: {
-        const TensorInfo& t = s.catalog.tensors()[n.tensor];
+        const TensorInfo& t = s.catalog.tensors()[n.tensor()];
         reply_tensor(s, req, ino, t, TensorCatalog::npy_header(t), size, off);
         return;
       }
       case NodeKind::TensorSidecar:
-        reply_slice(s, req, ino, s.catalog.sidecar_json(s.catalog.tensors()[n.tensor]), size, off);
+        reply_slice(s, req, ino, s.catalog.sidecar_json(s.catalog.tensors()[n.tensor()]), size,
+                    off);
         return;
       case NodeKind::JsonValue:
-        reply_slice(s, req, ino, n.text, size, off);
+        reply_slice(s, req, ino, s.catalog.text(i), size, off);
         return;
       case NodeKind::IndexFile:
         reply_slice(s, req, ino, s.catalog.index_json(), size, off);
@@ -359,8 +361,8 @@ std::vector<std::pair<std::string, std::string>> tensor_xattrs(const TensorCatal
   }
   key += "]";
   std::vector<std::pair<std::string, std::string>> out = {
-      {"user.ckptfs.dtype", std::string(t.dtype.name)},
-      {"user.ckptfs.numpy_dtype", std::string(t.dtype.numpy_dtype)},
+      {"user.ckptfs.dtype", std::string(t.dtype->name)},
+      {"user.ckptfs.numpy_dtype", std::string(t.dtype->numpy_dtype)},
       {"user.ckptfs.shape", shape},
       {"user.ckptfs.nbytes", fmt::format("{}", t.nbytes)},
       {"user.ckptfs.key", key},
@@ -380,7 +382,7 @@ const TensorInfo* tensor_of(const MountState& s, fuse_ino_t ino) {
   if (n.kind != NodeKind::TensorData && n.kind != NodeKind::NpyView &&
       n.kind != NodeKind::TensorSidecar)
     return nullptr;
-  return &s.catalog.tensors()[n.tensor];
+  return &s.catalog.tensors()[n.tensor()];
 }
 
 // The xattr protocol: size 0 asks for the length; a too-small buffer is ERANGE.

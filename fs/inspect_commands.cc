@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -26,7 +27,7 @@ std::string human(std::uint64_t bytes) {
   return u == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.1f} {}", v, units[u]);
 }
 
-std::string shape_text(const std::vector<std::int64_t>& shape) {
+std::string shape_text(std::span<const std::int64_t> shape) {
   std::string s = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) s += fmt::format("{}{}", i ? ", " : "", shape[i]);
   return s + "]";
@@ -87,7 +88,7 @@ int run_inspect_command(int argc, char** argv) {
     std::map<std::string, std::pair<std::uint64_t, std::uint64_t>> per_dtype;  // count, bytes
     for (const auto& t : tensors) {
       total += t.nbytes;
-      auto& d = per_dtype[std::string(t.dtype.name)];
+      auto& d = per_dtype[std::string(t.dtype->name)];
       ++d.first;
       d.second += t.nbytes;
     }
@@ -110,10 +111,10 @@ int run_inspect_command(int argc, char** argv) {
           stdout);
     }
     std::vector<std::string> values;
-    for (NodeIndex child : c.node(TensorCatalog::kRoot).children) {
+    for (NodeIndex child : c.children(TensorCatalog::kRoot)) {
       const Node& n = c.node(child);
-      if (n.kind == NodeKind::JsonValue || (n.kind == NodeKind::Directory && n.name != ".ckptfs"))
-        values.push_back(n.name);
+      if (n.kind == NodeKind::JsonValue || (n.kind == NodeKind::Directory && n.name() != ".ckptfs"))
+        values.emplace_back(n.name());
     }
     std::string joined;
     for (const auto& v : values) joined += (joined.empty() ? "" : ", ") + v;
@@ -128,29 +129,34 @@ int run_inspect_command(int argc, char** argv) {
 
   const std::string pattern = rest.size() > 1 ? rest[1] : "";
   std::vector<std::uint32_t> selected;
+  std::vector<std::string> paths;  // of |selected|
   for (std::uint32_t i = 0; i < tensors.size(); ++i) {
-    if (matches(pattern, tensors[i].path)) selected.push_back(i);
+    std::string path = c.path_of(tensors[i]);
+    if (!matches(pattern, path)) continue;
+    selected.push_back(i);
+    if (!json) paths.push_back(std::move(path));
   }
   if (json) {
     std::fputs(c.render_index(selected).c_str(), stdout);
     return 0;
   }
   std::size_t wpath = 4, wdtype = 5, wshape = 5;
-  for (auto i : selected) {
-    wpath = std::max(wpath, tensors[i].path.size());
-    wdtype = std::max(wdtype, tensors[i].dtype.name.size());
+  for (std::size_t k = 0; k < selected.size(); ++k) {
+    const std::uint32_t i = selected[k];
+    wpath = std::max(wpath, paths[k].size());
+    wdtype = std::max(wdtype, tensors[i].dtype->name.size());
     wshape = std::max(wshape, shape_text(tensors[i].shape).size());
   }
   std::string out;
   out += fmt::format("{:<{}}  {:<{}}  {:<{}}  {:>10}\n", "path", wpath, "dtype", wdtype, "shape",
                      wshape, "size");
   std::uint64_t total = 0;
-  for (auto i : selected) {
-    const TensorInfo& t = tensors[i];
+  for (std::size_t k = 0; k < selected.size(); ++k) {
+    const TensorInfo& t = tensors[selected[k]];
     total += t.nbytes;
-    out += fmt::format("{:<{}}  {:<{}}  {:<{}}  {:>10}{}\n", t.path, wpath, t.dtype.name, wdtype,
+    out += fmt::format("{:<{}}  {:<{}}  {:<{}}  {:>10}{}\n", paths[k], wpath, t.dtype->name, wdtype,
                        shape_text(t.shape), wshape, human(t.nbytes),
-                       t.error.empty() ? "" : "  (unreadable: " + t.error + ")");
+                       t.error.empty() ? "" : fmt::format("  (unreadable: {})", t.error));
   }
   out += fmt::format("{} tensors, {} ({} bytes)\n", selected.size(), human(total), total);
   std::fputs(out.c_str(), stdout);

@@ -44,6 +44,9 @@ std::vector<std::uint8_t> gather(const TensorLayout& layout,
 
 }  // namespace
 
+// The layout takes spans; brace lists need a vector to live in.
+using D = std::vector<std::int64_t>;
+
 TEST_CASE("random views gather exactly the reference bytes, for every sub-range") {
   std::mt19937 rng(7);
   std::vector<std::uint8_t> storage(4096);
@@ -83,23 +86,23 @@ TEST_CASE("random views gather exactly the reference bytes, for every sub-range"
 }
 
 TEST_CASE("contiguous views are one run; transposes are not") {
-  CHECK(TensorLayout({3, 4}, {4, 1}, 2, 4).contiguous());
-  CHECK(TensorLayout({1, 4, 1}, {99, 1, 7}, 0, 2).contiguous());  // size-1 dims ignore strides
-  CHECK_FALSE(TensorLayout({3, 4}, {1, 3}, 0, 4).contiguous());
-  CHECK(TensorLayout({}, {}, 5, 8).nbytes() == 8);  // 0-dim: one element
-  CHECK(TensorLayout({0, 3}, {3, 1}, 0, 4).nbytes() == 0);
+  CHECK(TensorLayout(D{3, 4}, D{4, 1}, 2, 4).contiguous());
+  CHECK(TensorLayout(D{1, 4, 1}, D{99, 1, 7}, 0, 2).contiguous());  // size-1 dims ignore strides
+  CHECK_FALSE(TensorLayout(D{3, 4}, D{1, 3}, 0, 4).contiguous());
+  CHECK(TensorLayout(D{}, D{}, 5, 8).nbytes() == 8);  // 0-dim: one element
+  CHECK(TensorLayout(D{0, 3}, D{3, 1}, 0, 4).nbytes() == 0);
 }
 
 TEST_CASE("validation refuses views outside the storage and overflowing shapes") {
-  CHECK_FALSE(TensorLayout::validate({3, 4}, {4, 1}, 0, 4, 48));
-  CHECK(TensorLayout::validate({3, 4}, {4, 1}, 1, 4, 48));  // one element too far
-  CHECK(TensorLayout::validate({3, 4}, {4, 1}, 0, 4, 47));
-  CHECK(TensorLayout::validate({2, 2}, {1}, 0, 4, 100));  // rank mismatch
-  CHECK(TensorLayout::validate({-1}, {1}, 0, 4, 100));
-  CHECK(TensorLayout::validate({4}, {-1}, 0, 4, 100));
-  CHECK(TensorLayout::validate({4}, {1}, -1, 4, 100));
-  CHECK(TensorLayout::validate({1LL << 40, 1LL << 40}, {1, 1}, 0, 4, 100));  // numel overflow
-  CHECK(TensorLayout::validate({2}, {INT64_MAX / 2}, 0, 4, 100));            // offset overflow
-  CHECK_FALSE(TensorLayout::validate({0, 1LL << 40}, {1, 1}, 0, 4, 0));      // empty is fine
-  CHECK_FALSE(TensorLayout::validate({5, 3}, {0, 1}, 0, 2, 6));              // expand: stride 0
+  CHECK_FALSE(TensorLayout::validate(D{3, 4}, D{4, 1}, 0, 4, 48));
+  CHECK(TensorLayout::validate(D{3, 4}, D{4, 1}, 1, 4, 48));  // one element too far
+  CHECK(TensorLayout::validate(D{3, 4}, D{4, 1}, 0, 4, 47));
+  CHECK(TensorLayout::validate(D{2, 2}, D{1}, 0, 4, 100));  // rank mismatch
+  CHECK(TensorLayout::validate(D{-1}, D{1}, 0, 4, 100));
+  CHECK(TensorLayout::validate(D{4}, D{-1}, 0, 4, 100));
+  CHECK(TensorLayout::validate(D{4}, D{1}, -1, 4, 100));
+  CHECK(TensorLayout::validate(D{1LL << 40, 1LL << 40}, D{1, 1}, 0, 4, 100));  // numel overflow
+  CHECK(TensorLayout::validate(D{2}, D{INT64_MAX / 2}, 0, 4, 100));            // offset overflow
+  CHECK_FALSE(TensorLayout::validate(D{0, 1LL << 40}, D{1, 1}, 0, 4, 0));      // empty is fine
+  CHECK_FALSE(TensorLayout::validate(D{5, 3}, D{0, 1}, 0, 2, 6));              // expand: stride 0
 }
