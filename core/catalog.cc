@@ -54,9 +54,8 @@ std::string TensorCatalog::relative_path(NodeIndex i) const {
 NodeIndex TensorCatalog::add_node(NodeKind kind, NodeIndex parent, std::string_view name,
                                   std::uint32_t ref) {
   Node n;
-  std::string_view copy = arena_->add(name);
-  n.name_data = copy.data();
-  n.name_size = static_cast<std::uint32_t>(copy.size());
+  n.name_data = name.data();
+  n.name_size = static_cast<std::uint32_t>(name.size());
   n.parent = parent;
   n.ref = ref;
   n.kind = kind;

@@ -175,6 +175,7 @@ class TensorCatalog {
   // Adds /.ckptfs (index.json, model.safetensors, stats) to the root, in name order, and sizes
   // the per-tensor tables; the last step of building a tree.
   void finish();
+  // |name| is kept as a view: text in the arena or a literal (NUL-terminated, outliving us).
   NodeIndex add_node(NodeKind kind, NodeIndex parent, std::string_view name, std::uint32_t ref);
   NodeIndex add_directory(NodeIndex parent, std::string_view name);
   NodeIndex add_json(NodeIndex parent, std::string_view name, std::string text);

@@ -436,7 +436,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     const Child* child;
     enum { Tensor, Dir, Json } what;
     std::optional<ParsedTensor> tensor;
-    std::string primary;
+    std::string_view primary;  // in the arena
     std::string special;  // a tensor without a raw file: what it is ("quantized tensor (qint8)")
   };
   std::vector<Pending> entries;
@@ -460,16 +460,21 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
 
   // Names: raw files and directories first (so a sidecar never shadows a tensor), then the
   // .json files; a clash appends ~1, ~2, ... before any ".json".
-  std::unordered_set<std::string> taken;
+  // Claimed names go straight to the catalog's arena, where their nodes will point.
+  std::unordered_set<std::string_view> taken;
   taken.reserve(3 * entries.size() + 1);  // up to three names per entry: never rehash
   if (dir == TensorCatalog::kRoot) taken.insert(".ckptfs");
-  auto claim = [&taken](const std::string& base, std::string_view ext) {
-    std::string name = base;
-    name += ext;
-    for (int n = 1; !taken.insert(name).second; ++n) name = fmt::format("{}~{}{}", base, n, ext);
+  std::string candidate;
+  auto claim = [&](std::string_view base, std::string_view ext) {
+    candidate.assign(base);
+    candidate += ext;
+    for (int n = 1; taken.contains(candidate); ++n)
+      candidate = fmt::format("{}~{}{}", base, n, ext);
+    std::string_view name = keep(candidate);
+    taken.insert(name);
     return name;
   };
-  auto add_json = [&](const std::string& name, std::string text) {
+  auto add_json = [&](std::string_view name, std::string text) {
     check_node_limit();
     NodeIndex n = catalog_.add_json(dir, name, std::move(text));
     catalog_.children_of(dir).push_back(n);
@@ -512,8 +517,8 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   for (Pending& p : entries) {
     const KeyPart& k = p.child->key;
     if (p.what == Pending::Tensor) {
-      std::string sidecar = claim(p.primary, ".json");
-      std::string npy = claim(p.primary, ".npy");
+      std::string_view sidecar = claim(p.primary, ".json");
+      std::string_view npy = claim(p.primary, ".npy");
       TensorInfo info = p.tensor->info;
       auto tensor_index = static_cast<std::uint32_t>(catalog_.tensors_.size());
       auto add_tensor_file = [&](NodeKind kind, std::string_view name) {
@@ -542,13 +547,13 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
       fill_directory(child_dir, p.child->value, key, depth + 1);
       key.pop_back();
       if (!p.special.empty()) {
-        std::string name = claim(p.primary, ".json");
+        std::string_view name = claim(p.primary, ".json");
         std::string parts = catalog_.relative_path(child_dir);
         NodeIndex n = add_json(name, "");
         catalog_.texts_[catalog_.nodes_[n].ref] = describe(p, catalog_.relative_path(n), parts);
       }
     } else {
-      std::string name = claim(
+      std::string_view name = claim(
           k.is_number ? escape_name(fmt::format("{}", k.number)) : escape_name(k.text), ".json");
       NodeIndex n = add_json(name, "");
       catalog_.texts_[catalog_.nodes_[n].ref] = p.special.empty()

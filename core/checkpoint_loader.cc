@@ -88,10 +88,13 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
   ValueArena arena;
   PickleReader reader(std::as_bytes(std::span(pickle)), arena);
   ValueId root = reader.read();
+  // The values own their bytes: give the pickle's memory back for the catalog to reuse
+  // (fresh pages are what loading many tensors costs).
+  std::string().swap(pickle);
 
   std::unique_ptr<SegmentedSource> segmented;  // only when some record is deflated
   // Storage records are located once per key (their local header is read from the file).
-  std::unordered_map<std::string, ResolvedStorage> by_key;
+  std::unordered_map<std::string_view, ResolvedStorage> by_key;  // keys: texts in |arena|
   by_key.reserve(zip.entries().size());  // at most one storage per record: never rehash
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
     ResolvedStorage r;
