@@ -1,7 +1,11 @@
 """Shared by the scripts/bench-* benchmarks: the machine line, the section of docs/benchmarks.md
-each benchmark owns (replaced in place on every run), and where a torch zip's records are."""
+each benchmark owns (replaced in place on every run), where a torch zip's records are, and a
+mount of ckptfs to measure."""
+import json
 import os
 import platform
+import subprocess
+import tempfile
 import time
 import zipfile
 
@@ -38,3 +42,48 @@ def record_offsets(path, n):
                 h = f.read(30)
                 out[int(parts[2])] = info.header_offset + 30 + int.from_bytes(h[26:28], "little") + int.from_bytes(h[28:30], "little")
     return [out[i] for i in range(n)]
+
+
+class BenchMount:
+    """ckptfs mounted on a fresh directory. foreground=True keeps the daemon a child (its pid is
+    known at once, and it is waited for); otherwise ckptfs daemonizes and returns when the mount
+    is ready, so mount_seconds is exactly what a user waits."""
+
+    def __init__(self, binary, ckpt, *args, foreground=True):
+        self.path = tempfile.mkdtemp(prefix="ckptfs-bench-")
+        self.daemon = None
+        start = time.monotonic()
+        if foreground:
+            self.daemon = subprocess.Popen([binary, "-f", *args, ckpt, self.path])
+            deadline = start + 120
+            while not os.path.ismount(self.path):
+                if self.daemon.poll() is not None or time.monotonic() > deadline:
+                    self.daemon.kill()
+                    os.rmdir(self.path)
+                    raise SystemExit(f"ckptfs did not mount {ckpt}")
+                time.sleep(0.02)
+            self.mount_seconds = time.monotonic() - start
+            self.pid = self.daemon.pid
+        else:
+            r = subprocess.run([binary, *args, ckpt, self.path], capture_output=True, text=True)
+            self.mount_seconds = time.monotonic() - start
+            if r.returncode != 0:
+                os.rmdir(self.path)
+                raise SystemExit(f"ckptfs failed: {r.stderr}")
+            self.pid = int(subprocess.run(["pgrep", "-n", "-f", f"ckptfs.*{self.path}"], capture_output=True,
+                                          text=True).stdout.split()[0])
+
+    def stats(self):
+        with open(os.path.join(self.path, ".ckptfs/stats")) as f:
+            return json.load(f)
+
+    def close(self):
+        subprocess.run(["fusermount3", "-u", self.path], check=True)
+        if self.daemon is not None:
+            self.daemon.wait(timeout=30)
+        else:
+            for _ in range(600):
+                if not os.path.exists(f"/proc/{self.pid}"):
+                    break
+                time.sleep(0.05)
+        os.rmdir(self.path)
