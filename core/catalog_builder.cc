@@ -468,10 +468,10 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   auto claim = [&](std::string_view base, std::string_view ext) {
     candidate.assign(base);
     candidate += ext;
-    for (int n = 1; taken.contains(candidate); ++n)
-      candidate = fmt::format("{}~{}{}", base, n, ext);
+    // One hash lookup per name: a clash (rare) leaves its copy unused in the arena.
     std::string_view name = keep(candidate);
-    taken.insert(name);
+    for (int n = 1; !taken.insert(name).second; ++n)
+      name = keep(fmt::format("{}~{}{}", base, n, ext));
     return name;
   };
   auto add_json = [&](std::string_view name, std::string text) {

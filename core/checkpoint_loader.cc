@@ -85,6 +85,7 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
   }
 
   std::string pickle = zip.read_entry(*pkl, kMaxPickleBytes);
+  zip.release_archive();  // its memory goes to the pickle's values instead of fresh pages
   ValueArena arena;
   PickleReader reader(std::as_bytes(std::span(pickle)), arena);
   ValueId root = reader.read();
@@ -93,8 +94,16 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
   std::string().swap(pickle);
 
   std::unique_ptr<SegmentedSource> segmented;  // only when some record is deflated
-  // Storage records are located once per key (their local header is read from the file).
-  std::unordered_map<std::string_view, ResolvedStorage> by_key;  // keys: texts in |arena|
+  // Storage records are located once per key (their local header is read from the file). The
+  // cache keeps 24 bytes per record; the strings of a repeated reference are made again.
+  struct Located {
+    std::uint64_t offset = 0;
+    std::uint64_t nbytes = 0;
+    std::uint32_t error = 0;  // index into |errors|; 0: none
+    bool deflated = false;
+  };
+  std::vector<std::string> errors = {""};
+  std::unordered_map<std::string_view, Located> by_key;  // keys: texts in |arena|
   by_key.reserve(zip.entries().size());  // at most one storage per record: never rehash
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
     ResolvedStorage r;
@@ -111,16 +120,19 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
       return r;
     }
     const std::string& key = arena[t.items[2]].text;
-    if (auto it = by_key.find(key); it != by_key.end()) {
-      ResolvedStorage known = it->second;
-      known.dtype = dt;  // each reference names its own element type
-      return known;
-    }
-    r.dtype = dt;
+    r.dtype = dt;  // each reference names its own element type
     std::string record = prefix + "data/" + key;
     r.storage.key = key;
     r.storage.record = record;
     r.storage.location = arena[t.items[3]].kind == ValueKind::Str ? arena[t.items[3]].text : "";
+    if (auto it = by_key.find(key); it != by_key.end()) {
+      const Located& known = it->second;
+      r.storage.offset = known.offset;
+      r.storage.nbytes = known.nbytes;
+      if (known.deflated) r.storage.record += " (deflated)";
+      r.error = errors[known.error];
+      return r;
+    }
     const ZipEntry* e = zip.find(record);
     if (e == nullptr) {
       r.error = fmt::format("storage record '{}' is missing from the archive", record);
@@ -155,7 +167,12 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
         r.error = err.what();
       }
     }
-    by_key.emplace(key, r);
+    Located located{r.storage.offset, r.storage.nbytes, 0, e != nullptr && e->method == 8};
+    if (!r.error.empty()) {
+      located.error = static_cast<std::uint32_t>(errors.size());
+      errors.push_back(r.error);
+    }
+    by_key.emplace(key, located);
     return r;
   };
 

@@ -304,6 +304,10 @@ std::string ZipDirectory::read_entry(const ZipEntry& entry, std::uint64_t max_by
     source_.read_at(data_offset(entry), std::as_writable_bytes(std::span(out)));
     return out;
   }
+  if (libzip_->archive == nullptr) {
+    throw FormatError(
+        fmt::format("zip entry '{}' is compressed and the archive was released", entry.name));
+  }
   zip_int64_t index = zip_name_locate(libzip_->archive, entry.name.c_str(), ZIP_FL_ENC_RAW);
   zip_file_t* f = index < 0 ? nullptr : zip_fopen_index(libzip_->archive, index, 0);
   if (f == nullptr) {
@@ -322,6 +326,13 @@ std::string ZipDirectory::read_entry(const ZipEntry& entry, std::uint64_t max_by
   }
   zip_fclose(f);
   return out;
+}
+
+void ZipDirectory::release_archive() {
+  if (libzip_->archive != nullptr) {
+    zip_discard(libzip_->archive);
+    libzip_->archive = nullptr;
+  }
 }
 
 }  // namespace ckptfs

@@ -48,6 +48,12 @@ class ZipDirectory {
   // than |max_bytes|. Not thread-safe (libzip handles are not); use at load time only.
   std::string read_entry(const ZipEntry& entry, std::uint64_t max_bytes) const;
 
+  // Frees libzip's copy of the central directory (a few hundred bytes per entry: ~65 MB for
+  // 262,144 records), once the records that need it (read_entry of compressed ones) are read.
+  // entries(), find() and data_offset() keep working; read_entry() of a compressed record
+  // then throws FormatError.
+  void release_archive();
+
  private:
   struct LibzipState;
   void walk_central_directory();

@@ -70,6 +70,14 @@ TEST_CASE("stored entries are found at their data offset; deflated ones are deco
   CHECK(dir.read_entry(*packed, 10000) == std::string(5000, 'z'));
   CHECK_THROWS_AS(dir.read_entry(*packed, 100), FormatError);
   CHECK(dir.find("archive/nope") == nullptr);
+
+  // Released: the directory, offsets and stored records stay; compressed ones are refused.
+  dir.release_archive();
+  CHECK(dir.entries().size() == 3);
+  CHECK(dir.data_offset(*dir.find("archive/data/0")) == dir.data_offset(*e));
+  CHECK(dir.read_entry(*dir.find("archive/data.pkl"), 1000) == "pickle bytes");
+  CHECK_THROWS_AS(dir.read_entry(*packed, 10000), FormatError);
+  dir.release_archive();  // twice is harmless
 }
 
 TEST_CASE("truncated and non-zip files are FormatErrors") {
