@@ -493,12 +493,13 @@ std::string render_stats(const MountState& state) {
       "  \"prefetched\": {},\n  \"prefetch_hits\": {},\n"
       "  \"checkpoint_read_errors\": {},\n  \"checkpoint_changed\": {},\n"
       "  \"read_errors\": {},\n"
-      "  \"tensors\": {},\n  \"storages\": {}\n}}\n",
+      "  \"tensors\": {},\n  \"storages\": {},\n  \"catalog_bytes\": {}\n}}\n",
       state.limit_bytes, c.limit_bytes, state.ledger.budget(), c.resident_bytes, kernel,
       c.resident_bytes + kernel, c.block_size, c.blocks, c.hits + c.misses, c.hits, c.misses,
       c.evictions, invalidations, invalidated, c.bytes_read, state.source.cache_mode(),
       c.prefetched, c.prefetch_hits, c.read_errors, state.source.changed(),
-      state.read_errors.load(), state.catalog.tensors().size(), state.catalog.storages().size());
+      state.read_errors.load(), state.catalog.tensors().size(), state.catalog.storages().size(),
+      state.catalog.metadata_bytes());
 }
 
 }  // namespace ckptfs

@@ -36,7 +36,8 @@ class BenchSmokeTest(unittest.TestCase):
     def test_bench_throughput_runs(self):
         self.run_bench("bench-throughput", ["--size-mib", "32", "--tiny-count", "300"],
                        ["| 1 | memmap + bf16 loop", "| 2 | second pass", "| 3 | mount 300 tensors",
-                        "| 3 | daemon memory per tensor", "| 4 | 2 processes"],
+                        "| 3 | daemon memory per tensor", "| 4 | 2 processes",
+                        "| #6 | ckptfs ls of the 300-tensor checkpoint", "| #6 | ckptfs info"],
                        png="bench-throughput.png", timeout=900)
 
     def test_bench_convert_runs(self):

@@ -285,6 +285,10 @@ class MountedCheckpointTest(unittest.TestCase):
             self.assertEqual(s["hits"] + s["misses"], s["lookups"])
             self.assertGreater(s["bytes_read_from_checkpoint"], 0)
             self.assertLessEqual(s["daemon_resident_bytes"], 8 << 20)
+            # The catalog's own memory: one arena chunk, then a few hundred bytes per tensor.
+            self.assertEqual(s["tensors"], len(m.index()["tensors"]))
+            self.assertGreater(s["catalog_bytes"], 0)
+            self.assertLess(s["catalog_bytes"], (1 << 20) + 1024 * s["tensors"])
 
 
 if __name__ == "__main__":
