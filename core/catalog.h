@@ -101,6 +101,7 @@ struct Node {
   std::string_view name() const { return {name_data, name_size}; }
   std::uint32_t tensor() const { return ref; }
 };
+static_assert(sizeof(Node) == 24);
 
 class TensorCatalog {
  public:
@@ -118,7 +119,10 @@ class TensorCatalog {
     return children_[nodes_[dir].ref];
   }
   // A JsonValue file's content.
-  std::string_view text(NodeIndex i) const { return texts_[nodes_[i].ref]; }
+  std::string_view text(NodeIndex i) const {
+    if (nodes_[i].kind != NodeKind::JsonValue) return {};
+    return texts_[nodes_[i].ref];
+  }
   NodeIndex lookup(NodeIndex dir, std::string_view name) const;
 
   const std::vector<TensorInfo>& tensors() const { return tensors_; }

@@ -80,6 +80,42 @@ TEST_CASE("stored entries are found at their data offset; deflated ones are deco
   dir.release_archive();  // twice is harmless
 }
 
+// The central directory's uncompressed size of |name|, rewritten in the file.
+static void claim_size(const std::string& path, const std::string& name, std::uint32_t size) {
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  for (std::size_t at = bytes.find("PK\x01\x02"); at != std::string::npos;
+       at = bytes.find("PK\x01\x02", at + 4)) {
+    std::uint16_t name_len = static_cast<unsigned char>(bytes[at + 28]) |
+                             static_cast<unsigned char>(bytes[at + 29]) << 8;
+    if (bytes.compare(at + 46, name_len, name) != 0) continue;
+    for (int i = 0; i < 4; ++i) bytes[at + 24 + i] = static_cast<char>((size >> (8 * i)) & 0xFF);
+  }
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+TEST_CASE("a record claiming more bytes than it can hold is refused before allocating") {
+  TempZip tz;
+  tz.kept.reserve(4);
+  int err = 0;
+  zip_t* z = zip_open(tz.path.c_str(), ZIP_CREATE | ZIP_TRUNCATE, &err);
+  REQUIRE(z != nullptr);
+  tz.add(z, "archive/data.pkl", "pickle bytes", false);
+  tz.add(z, "archive/packed", std::string(5000, 'z'), true);
+  REQUIRE(zip_close(z) == 0);
+  // 1.5 GiB claimed by a file of a few hundred bytes: each is a one-line error, and the
+  // allocation the claim would take (which fuzz_checkpoint caught) never happens.
+  claim_size(tz.path, "archive/data.pkl", 1536u << 20);
+  claim_size(tz.path, "archive/packed", 1536u << 20);
+  LocalFileSource src(tz.path);
+  ZipDirectory dir(src);
+  REQUIRE(dir.find("archive/data.pkl")->size == (1536u << 20));
+  CHECK_THROWS_WITH(dir.read_entry(*dir.find("archive/data.pkl"), 2ull << 30),
+                    Catch::Contains("declares 1610612736 bytes but stores 12"));
+  CHECK_THROWS_WITH(dir.read_entry(*dir.find("archive/packed"), 2ull << 30),
+                    Catch::Contains("more than deflate can produce"));
+}
+
 TEST_CASE("truncated and non-zip files are FormatErrors") {
   TempZip tz;
   int err = 0;
