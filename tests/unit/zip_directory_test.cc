@@ -26,6 +26,13 @@ struct TempZip {
     std::remove(path.c_str());
   }
   ~TempZip() { std::remove(path.c_str()); }
+  // A new, empty archive at |path|, written by zip_close.
+  zip_t* create() {
+    int err = 0;
+    zip_t* z = zip_open(path.c_str(), ZIP_CREATE | ZIP_TRUNCATE, &err);
+    REQUIRE(z != nullptr);
+    return z;
+  }
   void add(zip_t* z, const std::string& name, const std::string& content, bool compress) {
     // libzip copies the buffer only at zip_close; keep it alive until then.
     kept.push_back(content);
@@ -43,9 +50,7 @@ struct TempZip {
 TEST_CASE("stored entries are found at their data offset; deflated ones are decompressed") {
   TempZip tz;
   tz.kept.reserve(8);
-  int err = 0;
-  zip_t* z = zip_open(tz.path.c_str(), ZIP_CREATE | ZIP_TRUNCATE, &err);
-  REQUIRE(z != nullptr);
+  zip_t* z = tz.create();
   std::string payload(100000, '\0');
   for (std::size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>(i * 7);
   tz.add(z, "archive/data.pkl", "pickle bytes", false);
@@ -97,9 +102,7 @@ static void claim_size(const std::string& path, const std::string& name, std::ui
 TEST_CASE("a record claiming more bytes than it can hold is refused before allocating") {
   TempZip tz;
   tz.kept.reserve(4);
-  int err = 0;
-  zip_t* z = zip_open(tz.path.c_str(), ZIP_CREATE | ZIP_TRUNCATE, &err);
-  REQUIRE(z != nullptr);
+  zip_t* z = tz.create();
   tz.add(z, "archive/data.pkl", "pickle bytes", false);
   tz.add(z, "archive/packed", std::string(5000, 'z'), true);
   REQUIRE(zip_close(z) == 0);
@@ -118,8 +121,7 @@ TEST_CASE("a record claiming more bytes than it can hold is refused before alloc
 
 TEST_CASE("truncated and non-zip files are FormatErrors") {
   TempZip tz;
-  int err = 0;
-  zip_t* z = zip_open(tz.path.c_str(), ZIP_CREATE | ZIP_TRUNCATE, &err);
+  zip_t* z = tz.create();
   tz.add(z, "a/data.pkl", std::string(3000, 'p'), false);
   REQUIRE(zip_close(z) == 0);
   std::string whole;
