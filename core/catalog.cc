@@ -290,7 +290,7 @@ std::uint64_t TensorCatalog::generated_size(NodeIndex i) const {
       return size;
     }
     case NodeKind::JsonValue:
-      return texts_[n.ref].size();
+      return text(i).size();
     case NodeKind::IndexFile:
       return index_json().size();
     default:

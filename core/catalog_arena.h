@@ -27,8 +27,7 @@ class CatalogArena {
 
   // A copy of |s|, followed by a NUL (so a view's data() is also a C string).
   std::string_view add(std::string_view s) {
-    char* p = static_cast<char*>(allocate(s.size() + 1, 1));
-    if (!s.empty()) std::memcpy(p, s.data(), s.size());
+    char* p = static_cast<char*>(copy(s.data(), s.size(), s.size() + 1, 1));
     p[s.size()] = '\0';
     return {p, s.size()};
   }
@@ -38,9 +37,8 @@ class CatalogArena {
   std::span<const T> add(std::span<const T> v) {
     static_assert(std::is_trivially_copyable_v<T>);
     if (v.empty()) return {};
-    T* p = static_cast<T*>(allocate(v.size_bytes(), alignof(T)));
-    std::memcpy(p, v.data(), v.size_bytes());
-    return {p, v.size()};
+    return {static_cast<const T*>(copy(v.data(), v.size_bytes(), v.size_bytes(), alignof(T))),
+            v.size()};
   }
 
   // Like add(), but equal contents share one copy: for values most tensors repeat (shapes,
@@ -55,14 +53,12 @@ class CatalogArena {
   // Arrays are keyed by their bytes, apart from texts (whose copies need not be aligned).
   template <class T>
   std::span<const T> intern(std::span<const T> v) {
-    static_assert(alignof(T) <= kArrayAlign);
+    static_assert(std::is_trivially_copyable_v<T> && alignof(T) <= kArrayAlign);
     std::string_view bytes(reinterpret_cast<const char*>(v.data()), v.size_bytes());
     auto it = interned_arrays_.find(bytes);
     if (it == interned_arrays_.end()) {
-      void* p = allocate(bytes.size(), kArrayAlign);
-      if (!bytes.empty()) std::memcpy(p, bytes.data(), bytes.size());
-      it = interned_arrays_.insert(std::string_view(static_cast<const char*>(p), bytes.size()))
-               .first;
+      const void* p = copy(bytes.data(), bytes.size(), bytes.size(), kArrayAlign);
+      it = interned_arrays_.insert({static_cast<const char*>(p), bytes.size()}).first;
     }
     return {reinterpret_cast<const T*>(it->data()), v.size()};
   }
@@ -79,25 +75,32 @@ class CatalogArena {
   static constexpr std::size_t kChunk = 256 * 1024;
   static constexpr std::size_t kArrayAlign = 8;
 
+  static std::size_t padding(const std::byte* p, std::size_t align) {
+    return (align - reinterpret_cast<std::uintptr_t>(p) % align) % align;
+  }
+
+  // |size| bytes aligned to |align|, the first |n| of them copied from |src|.
+  void* copy(const void* src, std::size_t n, std::size_t size, std::size_t align) {
+    void* p = allocate(size, align);
+    if (n != 0) std::memcpy(p, src, n);
+    return p;
+  }
+
   void* allocate(std::size_t n, std::size_t align) {
-    std::size_t pad = (align - reinterpret_cast<std::uintptr_t>(cursor_) % align) % align;
-    if (cursor_ == nullptr || pad + n > left_) {
+    if (cursor_ == nullptr || padding(cursor_, align) + n > left_) {
       // Big items get a chunk of their own, so the current chunk's tail is not wasted.
-      std::size_t size = n + align > kChunk / 4 ? n + align : kChunk;
+      const bool own = n + align > kChunk / 4;
+      const std::size_t size = own ? n + align : kChunk;
       chunks_.push_back(std::make_unique_for_overwrite<std::byte[]>(size));
       reserved_ += size;
-      if (size != kChunk) {
-        std::byte* own = chunks_.back().get();
-        own += (align - reinterpret_cast<std::uintptr_t>(own) % align) % align;
-        return own;
-      }
-      cursor_ = chunks_.back().get();
+      std::byte* start = chunks_.back().get();
+      if (own) return start + padding(start, align);
+      cursor_ = start;
       left_ = size;
-      pad = (align - reinterpret_cast<std::uintptr_t>(cursor_) % align) % align;
     }
-    std::byte* p = cursor_ + pad;
+    std::byte* p = cursor_ + padding(cursor_, align);
+    left_ -= static_cast<std::size_t>(p - cursor_) + n;
     cursor_ = p + n;
-    left_ -= pad + n;
     return p;
   }
 
