@@ -9,9 +9,8 @@
 #include "json_text.h"
 
 namespace ckptfs {
-namespace {
 
-void append_key(std::string& out, std::span<const KeyPart> key) {
+void append_json_key(std::string& out, std::span<const KeyPart> key) {
   out.push_back('[');
   for (std::size_t i = 0; i < key.size(); ++i) {
     if (i) out += ", ";
@@ -23,8 +22,6 @@ void append_key(std::string& out, std::span<const KeyPart> key) {
   }
   out.push_back(']');
 }
-
-}  // namespace
 
 NodeIndex TensorCatalog::lookup(NodeIndex dir, std::string_view name) const {
   const auto kids = children(dir);
@@ -87,7 +84,7 @@ std::size_t TensorCatalog::metadata_bytes() const {
 
 std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
   std::string out = "{\n  \"key\": ";
-  append_key(out, t.key);
+  append_json_key(out, t.key);
   out += ",\n  \"path\": ";
   append_json_string(out, path_of(t));
   out += ",\n  \"dtype\": ";
@@ -173,7 +170,7 @@ std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset
     const TensorInfo& t = tensors_[subset[i]];
     out += i ? ",\n" : "\n";
     out += "{\"key\": ";
-    append_key(out, t.key);
+    append_json_key(out, t.key);
     out += ", \"path\": ";
     append_json_string(out, path_of(t));
     out += ", \"sidecar\": ";

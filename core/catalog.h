@@ -34,7 +34,13 @@ struct KeyPart {
   bool is_number = false;
   std::int64_t number = 0;
   std::string_view text;
+
+  // As Python would print the key: the number in decimal, or the text.
+  std::string str() const { return is_number ? std::to_string(number) : std::string(text); }
 };
+
+// |key| as a JSON array: numbers as numbers, texts as strings (sidecars, index.json, xattrs).
+void append_json_key(std::string& out, std::span<const KeyPart> key);
 
 // A contiguous run of checkpoint bytes holding one storage. The strings are in the arena.
 struct StorageInfo {

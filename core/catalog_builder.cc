@@ -313,7 +313,7 @@ KeyPart CatalogBuilder::key_part(ValueId key) {
       for (std::size_t i = 0; i < k.items.size(); ++i) {
         KeyPart sub = key_part(k.items[i]);
         if (i) text += ", ";
-        text += sub.is_number ? fmt::format("{}", sub.number) : std::string(sub.text);
+        text += sub.str();
       }
       text += k.items.size() == 1 ? ",)" : ")";
       p.text = keep(text);
@@ -629,11 +629,7 @@ void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<
       for (std::size_t i = 0; i + 1 < val.items.size(); i += 2) {
         if (i) out += ", ";
         KeyPart k = key_part(val.items[i]);
-        if (k.is_number) {
-          append_json_string(out, fmt::format("{}", k.number));
-        } else {
-          append_json_string(out, k.text);
-        }
+        append_json_string(out, k.str());
         out += ": ";
         render(out, val.items[i + 1], depth + 1, on_path);
       }

@@ -163,8 +163,7 @@ CheckpointSet::CheckpointSet(const std::vector<std::string>& arguments)
     for (std::uint32_t t = 0; t < tensors.size(); ++t) {
       const auto& key = tensors[t].key;
       if (key.size() != 1) continue;
-      std::string k =
-          key[0].is_number ? fmt::format("{}", key[0].number) : std::string(key[0].text);
+      std::string k = key[0].str();
       part_of.emplace(k, catalog_.tensor_parts().empty() ? 0 : catalog_.tensor_parts()[t]);
     }
     for (const auto& [key, file] : expected) {

@@ -25,11 +25,7 @@ std::string dotted_key(const TensorCatalog& c, const TensorInfo& t) {
   std::string out;
   for (std::size_t i = t.key.size() - depth; i < t.key.size(); ++i) {
     if (!out.empty()) out.push_back('.');
-    if (t.key[i].is_number) {
-      out += fmt::format("{}", t.key[i].number);
-    } else {
-      out += t.key[i].text;
-    }
+    out += t.key[i].str();
   }
   return out;
 }

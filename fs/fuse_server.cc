@@ -350,16 +350,8 @@ std::vector<std::pair<std::string, std::string>> tensor_xattrs(const TensorCatal
                                                                const TensorInfo& t) {
   std::string shape;
   append_json_int_array(shape, t.shape);
-  std::string key = "[";
-  for (std::size_t i = 0; i < t.key.size(); ++i) {
-    if (i) key += ", ";
-    if (t.key[i].is_number) {
-      key += fmt::format("{}", t.key[i].number);
-    } else {
-      append_json_string(key, t.key[i].text);
-    }
-  }
-  key += "]";
+  std::string key;
+  append_json_key(key, t.key);
   std::vector<std::pair<std::string, std::string>> out = {
       {"user.ckptfs.dtype", std::string(t.dtype->name)},
       {"user.ckptfs.numpy_dtype", std::string(t.dtype->numpy_dtype)},
