@@ -34,8 +34,8 @@ options:
                     checkpoint); index.json then lists only its tensors
   --readahead-kb N  kernel readahead for the mount (root only; default: the kernel's 128):
                     1024 makes sequential and memmap reads arrive as 1 MiB requests
-  --no-xattrs       no user.ckptfs.* attributes: the kernel then stops asking, and `ls -l`
-                    of a huge directory skips two daemon round trips per file
+  --no-xattrs       no user.ckptfs.* attributes: the kernel then stops asking, and tools
+                    that copy attributes (cp -a, rsync -X) skip a round trip per file
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)
   -d, --debug       log every FUSE request to stderr (implies -f)
   -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other);

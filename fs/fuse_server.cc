@@ -394,8 +394,15 @@ void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) 
     fuse_reply_err(req, ENOSYS);
     return;
   }
-  // ls -l asks every file for ACLs and security labels: answer those without any work.
-  if (std::string_view(name).substr(0, 12) != "user.ckptfs.") {
+  // ls -l asks every file for its security label and POSIX ACL. "Not supported" is the true
+  // answer (ckptfs has neither) and, unlike "no such attribute", ls remembers it for the whole
+  // mount: two round trips per file become two per listing. user.* is supported.
+  const std::string_view requested(name);
+  if (!requested.starts_with("user.")) {
+    fuse_reply_err(req, EOPNOTSUPP);
+    return;
+  }
+  if (!requested.starts_with("user.ckptfs.")) {
     fuse_reply_err(req, ENODATA);
     return;
   }
@@ -444,6 +451,9 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   // streaming at once (or one reader far ahead) would queue behind that.
   conn->max_background = 64;
   conn->congestion_threshold = 48;
+  // Every listing carries its entries' attributes (READDIRPLUS), not just its first batch
+  // (READDIRPLUS_AUTO): ls -l, find -size or os.scandir + stat then need no LOOKUP per file.
+  conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;
   static_cast<MountState*>(userdata)->initialized = true;
 }
 

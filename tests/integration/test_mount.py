@@ -148,9 +148,15 @@ class MountedCheckpointTest(unittest.TestCase):
             self.assertEqual(json.loads(os.getxattr(f, "user.ckptfs.key")), ["optimizer_states", 0, "state", 0, "exp_avg"])
             self.assertEqual(json.loads(os.getxattr(f, "user.ckptfs.shape")), [16, 8])
             self.assertEqual(os.getxattr(f + ".npy", "user.ckptfs.dtype"), b"float32")
-            with self.assertRaises(OSError):
+            with self.assertRaises(OSError) as cm:
                 os.getxattr(f, "user.ckptfs.nope")
+            self.assertEqual(cm.exception.errno, errno.ENODATA)
             self.assertEqual(os.listxattr(m.file("epoch.json")), [])
+            # No security labels or POSIX ACLs: "not supported", the answer ls -l remembers.
+            for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+                with self.assertRaises(OSError) as cm:
+                    os.getxattr(f, name)
+                self.assertEqual(cm.exception.errno, errno.EOPNOTSUPP, name)
         # --no-xattrs: the kernel is told once (ENOSYS) and stops asking; the data is the same.
         with Mount(self.paths["lightning"], "--no-xattrs") as m:
             f = m.file("optimizer_states/0/state/0/exp_avg")
@@ -160,6 +166,23 @@ class MountedCheckpointTest(unittest.TestCase):
                 self.assertEqual(cm.exception.errno, errno.EOPNOTSUPP)
             with open(f, "rb") as fh:
                 self.assertEqual(len(fh.read()), 16 * 8 * 4)
+
+    def test_ls_l_needs_no_request_per_file(self):
+        """ls -l of a directory of many tensors costs no daemon round trip per file (the -d log
+        shows every request the daemon got): attributes come with the listing (READDIRPLUS,
+        not a LOOKUP per name), and the security label and ACL that ls asks each file for are
+        answered "not supported" once, which ls remembers for the whole mount."""
+        with Mount(self.paths["many"], "-d") as m:
+            files = len([n for n in os.listdir(m.path) if not n.startswith(".")])  # ls hides .ckptfs
+            self.assertGreater(files, 300)
+            out = subprocess.run(["ls", "-l", m.path], capture_output=True, text=True, check=True)
+            self.assertEqual(len(out.stdout.splitlines()), files + 1)  # "total" + one per file
+        asked = m.stderr_text.count("opcode: GETXATTR")
+        self.assertGreater(asked, 0, "ls -l asked nothing: the test no longer measures anything")
+        self.assertLessEqual(asked, 4, f"{asked} GETXATTR requests for ls -l of {files} files")
+        self.assertGreater(m.stderr_text.count("opcode: READDIRPLUS"), 10)
+        looked_up = m.stderr_text.count("opcode: LOOKUP")
+        self.assertLessEqual(looked_up, 4, f"{looked_up} LOOKUP requests for ls -l of {files} files")
 
     def test_mount_a_subtree_with_root(self):
         expected = torch_tensors(torch.load(self.paths["lightning"]))
