@@ -34,7 +34,7 @@ class BenchSmokeTest(unittest.TestCase):
                        ["ckptfs --limit-mb 8", "| mmap |", "| torch.load |"], png="bench-memory.png")
 
     def test_bench_throughput_runs(self):
-        self.run_bench("bench-throughput", ["--size-mib", "32", "--tiny-count", "300"],
+        self.run_bench("bench-throughput", ["--size-mib", "32", "--tiny-count", "300", "--rounds", "2"],
                        ["| 1 | memmap + bf16 loop", "| 2 | second pass", "| 3 | mount 300 tensors",
                         "| 3 | daemon memory per tensor", "| 4 | 2 processes",
                         "| #6 | ckptfs ls of the 300-tensor checkpoint", "| #6 | ckptfs info"],
