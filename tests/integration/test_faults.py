@@ -184,7 +184,9 @@ class FaultsTest(unittest.TestCase):
                 mf.close()
                 os.close(fd)
             # The last close ends the daemon, cleanly.
-            self.assertEqual(m.proc.wait(timeout=30), 0)
+            rc = m.proc.wait(timeout=30)
+            m.stderr_file.seek(0)
+            self.assertEqual(rc, 0, f"daemon's stderr: {m.stderr_file.read()}")
 
     def test_signals_under_load(self):
         path = self.copy("signals.pt")
