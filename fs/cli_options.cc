@@ -32,8 +32,9 @@ options:
                     the kernel's cached pages of the mounted files (see docs/memory.md)
   --root PATH       mount only the sub-tree at PATH (e.g. state_dict of a Lightning
                     checkpoint); index.json then lists only its tensors
-  --readahead-kb N  kernel readahead for the mount (root only; default: the kernel's 128):
-                    1024 makes sequential and memmap reads arrive as 1 MiB requests
+  --readahead-kb N  kernel readahead for the mount (root only): 1024 makes sequential and
+                    memmap reads arrive as 1 MiB requests; default 1024 as root with
+                    --limit-mb 256 or more, else the kernel's 128
   --no-xattrs       no user.ckptfs.* attributes: the kernel then stops asking, and tools
                     that copy attributes (cp -a, rsync -X) skip a round trip per file
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)

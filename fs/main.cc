@@ -8,6 +8,7 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -142,20 +143,37 @@ bool set_readahead(const std::string& bdi, std::uint32_t kb) {
 // the copies of the blocks before (docs/benchmarks.md), a few MiB at most.
 constexpr std::uint32_t kPrefetchBlocks = 4;
 
-std::thread readahead_setter(const MountState& state, std::string bdi, std::uint32_t kb) {
-  return std::thread([&state, bdi = std::move(bdi), kb] {
-    for (int i = 0; i < 500 && !state.initialized; ++i)
+// |warn|: the user asked for |kb| (the default is set quietly, and only as root). |stop| ends
+// the thread early: a mount that ends within its first seconds must not wait for it.
+std::thread readahead_setter(const MountState& state, std::string bdi, std::uint32_t kb, bool warn,
+                             const std::atomic<bool>& stop) {
+  return std::thread([&state, &stop, bdi = std::move(bdi), kb, warn] {
+    for (int i = 0; i < 500 && !state.initialized && !stop; ++i)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     // The kernel applies the INIT reply just after it is sent; keep the value in place for a
     // moment so that a late application cannot undo it.
     bool took = false;
-    for (int tick = 0; !bdi.empty() && tick < 200 && state.initialized; ++tick) {
+    for (int tick = 0; !bdi.empty() && tick < 200 && state.initialized && !stop; ++tick) {
       took = set_readahead(bdi, kb) || took;  // fails harmlessly once unmounted
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-    if (took) return;
+    if (took || !warn || stop) return;
     std::fprintf(stderr, "ckptfs: warning: could not set --readahead-kb %u (needs root)\n", kb);
   });
+}
+
+// Without --readahead-kb, a root daemon whose budget is large enough asks the kernel for 1 MiB
+// READs: streams then cost an eighth of the round trips (a cold memmap + bf16 loop ran ~15 %
+// faster here: docs/benchmarks.md). Below 256 MiB the kernel's 128 KiB stays, because every
+// worker's reply buffer and in-flight reply grow to the request size (32 MiB in all at 1 MiB,
+// docs/memory.md), which a small budget should not carry.
+constexpr std::uint32_t kDefaultReadaheadKb = 1024;
+constexpr std::uint64_t kDefaultReadaheadMinLimitMb = 256;
+
+std::uint32_t readahead_kb_for(const CliOptions& opts) {
+  if (opts.readahead_kb != 0) return opts.readahead_kb;
+  if (::geteuid() == 0 && opts.limit_mb >= kDefaultReadaheadMinLimitMb) return kDefaultReadaheadKb;
+  return 0;  // the kernel's
 }
 
 std::string fsname_for(const std::string& path) {
@@ -264,11 +282,11 @@ int run(const CliOptions& opts) {
     return 1;
   }
   MountGuard guard(se.get());
+  const std::uint32_t readahead_kb = readahead_kb_for(opts);
   const std::string device = mount_device(canonical_mountpoint);
   // The kernel sizes buffered and mmap READs by the mount's bdi readahead (128 KiB by default);
   // only root may raise it, through sysfs, once the mount exists.
-  const std::string bdi =
-      opts.readahead_kb != 0 && !device.empty() ? "/sys/class/bdi/" + device : "";
+  const std::string bdi = readahead_kb != 0 && !device.empty() ? "/sys/class/bdi/" + device : "";
   if (fuse_daemonize(opts.foreground ? 1 : 0) != 0) {
     std::fprintf(stderr, "ckptfs: could not detach\n");
     return 1;
@@ -277,7 +295,11 @@ int run(const CliOptions& opts) {
   invalidator.start();  // after fuse_daemonize: threads do not survive its fork
   cache->enable_prefetch(kPrefetchBlocks);
   std::thread readahead;
-  if (opts.readahead_kb != 0) readahead = readahead_setter(state, bdi, opts.readahead_kb);
+  std::atomic<bool> readahead_stop{false};
+  if (readahead_kb != 0) {
+    readahead =
+        readahead_setter(state, bdi, readahead_kb, /*warn=*/opts.readahead_kb != 0, readahead_stop);
+  }
 
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(cfg, 0);
@@ -290,6 +312,7 @@ int run(const CliOptions& opts) {
   // abort of one still attached (fusectl's abort) stays an error.
   if (rc == -ECONNABORTED && !device.empty() && !device_mounted(device)) rc = 0;
   fuse_loop_cfg_destroy(cfg);
+  readahead_stop = true;
   if (readahead.joinable()) readahead.join();
   guard.unmount();
   invalidator.stop();
