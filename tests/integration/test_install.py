@@ -59,6 +59,26 @@ class InstallTest(unittest.TestCase):
             finally:
                 unmount(mnt)
 
+    @staticmethod
+    def mount_readahead_kb(mnt, want, settle=0.0):
+        """The read_ahead_kb of the mount at |mnt|, once it reads |want| (a helper thread of the
+        daemon sets it after INIT: allow it up to 3 s) and still after |settle| seconds."""
+        import time
+        escaped = mnt.replace(" ", "\\040")
+        with open("/proc/self/mountinfo") as f:
+            dev = [line.split()[2] for line in f if line.split()[4] == escaped][-1]
+        path = f"/sys/class/bdi/{dev}/read_ahead_kb"
+        deadline = time.monotonic() + 3
+        while True:
+            with open(path) as f:
+                value = int(f.read())
+            if value == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        time.sleep(settle)
+        with open(path) as f:
+            return int(f.read())
+
     def test_readahead(self):
         """--readahead-kb sets the mount's bdi readahead after INIT (which would reset it), and
         never stalls the mount: its device number comes from mountinfo, not from stat()."""
@@ -75,19 +95,7 @@ class InstallTest(unittest.TestCase):
                 self.assertEqual(r.returncode, 0, r.stderr)
                 with open(os.path.join(mnt, "w"), "rb") as f:
                     self.assertEqual(f.read(), t.numpy().tobytes())
-                escaped = mnt.replace(" ", "\\040")
-                with open("/proc/self/mountinfo") as f:
-                    dev = [line.split()[2] for line in f if line.split()[4] == escaped][-1]
-                # Set by a helper thread once INIT is answered: allow it a moment.
-                import time
-                deadline = time.monotonic() + 3
-                while True:
-                    with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
-                        value = int(f.read())
-                    if value == 1024 or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.02)
-                self.assertEqual(value, 1024)
+                self.assertEqual(self.mount_readahead_kb(mnt, 1024), 1024)
                 self.assertTrue(is_mounted(mnt))  # paths with spaces are recognised (teardown)
             finally:
                 unmount(mnt)
@@ -101,18 +109,9 @@ class InstallTest(unittest.TestCase):
                     self.assertEqual(r.stderr, "")  # the default is set quietly
                     if os.geteuid() != 0:
                         continue  # only root may change it: nothing more to check
-                    with open("/proc/self/mountinfo") as f:
-                        dev = [line.split()[2] for line in f if line.split()[4] == escaped][-1]
-                    deadline = time.monotonic() + 3
-                    while True:
-                        with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
-                            value = int(f.read())
-                        if value == want or time.monotonic() > deadline:
-                            break
-                        time.sleep(0.02)
-                    time.sleep(0.3)  # and it stays so (the helper re-applies 1024 for a while)
-                    with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
-                        self.assertEqual(int(f.read()), want, f"--limit-mb {limit}")
+                    # ... and it stays so (the helper re-applies its value for a while).
+                    self.assertEqual(self.mount_readahead_kb(mnt, want, settle=0.3), want,
+                                     f"--limit-mb {limit}")
                 finally:
                     unmount(mnt)
 
