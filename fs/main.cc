@@ -8,6 +8,7 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -71,10 +72,15 @@ class MountGuard {
   fuse_session* se_;
 };
 
-// Our mount's device number ("major:minor") as /proc/self/mountinfo lists it, never from stat():
-// the request loop is not running yet, so any access to the mount itself would wait for this
-// very thread. |canonical| is the mountpoint resolved before mounting. "" if not found.
-std::string mount_device(const std::string& canonical) {
+// One line of /proc/self/mountinfo: the device number ("major:minor") and the mountpoint.
+struct MountTableEntry {
+  std::string device;
+  std::string mountpoint;
+};
+
+// The mount table as /proc/self/mountinfo lists it, never from stat(): before the request loop
+// runs, any access to our own mount would wait for this very thread.
+std::vector<MountTableEntry> read_mount_table() {
   auto unescape = [](const std::string& s) {  // mountinfo writes ' ', '\t', '\n', '\\' as \ooo
     std::string out;
     for (std::size_t i = 0; i < s.size(); ++i) {
@@ -89,34 +95,35 @@ std::string mount_device(const std::string& canonical) {
     }
     return out;
   };
-  std::string device;
+  std::vector<MountTableEntry> table;
   if (std::FILE* f = std::fopen("/proc/self/mountinfo", "r")) {
     char line[8192];
     while (std::fgets(line, sizeof line, f) != nullptr) {
       // id parent major:minor root mountpoint ...
       char dev[64], root[4096], point[4096];
-      if (std::sscanf(line, "%*s %*s %63s %4095s %4095s", dev, root, point) == 3 &&
-          unescape(point) == canonical) {
-        device = dev;  // the last match is the newest mount on that path
-      }
+      if (std::sscanf(line, "%*s %*s %63s %4095s %4095s", dev, root, point) == 3)
+        table.push_back({dev, unescape(point)});
     }
     std::fclose(f);
+  }
+  return table;
+}
+
+// Our mount's device number; |canonical| is the mountpoint resolved before mounting. The last
+// entry on that path is the newest mount there. "" if not found.
+std::string mount_device(const std::string& canonical) {
+  std::string device;
+  for (const MountTableEntry& e : read_mount_table()) {
+    if (e.mountpoint == canonical) device = e.device;
   }
   return device;
 }
 
 // Whether the mount with |device| is still attached (a lazy unmount detaches it at once).
 bool device_mounted(const std::string& device) {
-  bool found = false;
-  if (std::FILE* f = std::fopen("/proc/self/mountinfo", "r")) {
-    char line[8192];
-    while (!found && std::fgets(line, sizeof line, f) != nullptr) {
-      char dev[64];
-      found = std::sscanf(line, "%*s %*s %63s", dev) == 1 && device == dev;
-    }
-    std::fclose(f);
-  }
-  return found;
+  const auto table = read_mount_table();
+  return std::any_of(table.begin(), table.end(),
+                     [&](const MountTableEntry& e) { return e.device == device; });
 }
 
 // Makes |bdi|'s read_ahead_kb |kb| (writing only when it differs); true when it reads back so.
