@@ -25,24 +25,72 @@ void append_json_key(std::string& out, std::span<const KeyPart> key) {
 
 NodeIndex TensorCatalog::lookup(NodeIndex dir, std::string_view name) const {
   const auto kids = children(dir);
-  auto it =
-      std::lower_bound(kids.begin(), kids.end(), name,
-                       [this](NodeIndex n, std::string_view v) { return nodes_[n].name() < v; });
-  return it != kids.end() && nodes_[*it].name() == name ? *it : kNoNode;
+  auto find = [&](std::string_view n) {
+    auto it =
+        std::lower_bound(kids.begin(), kids.end(), n,
+                         [this](NodeIndex i, std::string_view v) { return nodes_[i].stem() < v; });
+    return it != kids.end() && nodes_[*it].stem() == n ? *it : kNoNode;
+  };
+  if (NodeIndex stored = find(name); stored != kNoNode) return stored;
+  // A derived sidecar or view: "<raw file>.json" / ".npy", unless a clash renamed it (then it
+  // is stored and found above, and its derived name belongs to no file).
+  for (const NameSuffix suffix : {NameSuffix::Json, NameSuffix::Npy}) {
+    const std::string_view ext = suffix_text(suffix);
+    if (!name.ends_with(ext)) continue;
+    const NodeIndex raw = find(name.substr(0, name.size() - ext.size()));
+    if (raw == kNoNode || nodes_[raw].kind != NodeKind::TensorData) return kNoNode;
+    const std::uint32_t t = nodes_[raw].tensor();
+    const bool apart =
+        suffix == NameSuffix::Json ? tensors_[t].sidecar_apart : tensors_[t].npy_apart;
+    if (apart) return kNoNode;
+    return derived_base_ + 2 * t + (suffix == NameSuffix::Npy ? 1 : 0);
+  }
+  return kNoNode;
+}
+
+Node TensorCatalog::derived_node(std::size_t k) const {
+  Node n = nodes_[tensors_[k / 2].data_node];
+  n.kind = k % 2 == 0 ? NodeKind::TensorSidecar : NodeKind::NpyView;
+  n.suffix = k % 2 == 0 ? NameSuffix::Json : NameSuffix::Npy;
+  return n;
+}
+
+NodeIndex TensorCatalog::entry(NodeIndex dir, std::size_t slot) const {
+  const NodeIndex child = children(dir)[slot / 3];
+  if (slot % 3 == 0) return child;
+  const Node& n = nodes_[child];
+  if (n.kind != NodeKind::TensorData) return kNoNode;
+  const TensorInfo& t = tensors_[n.tensor()];
+  if (slot % 3 == 1) return t.sidecar_apart ? kNoNode : derived_base_ + 2 * n.tensor();
+  return t.npy_apart ? kNoNode : derived_base_ + 2 * n.tensor() + 1;
+}
+
+NodeIndex TensorCatalog::sidecar_node(std::uint32_t tensor) const {
+  if (!tensors_[tensor].sidecar_apart) return derived_base_ + 2 * tensor;
+  return apart_.at(2 * tensor);
+}
+
+NodeIndex TensorCatalog::npy_node(std::uint32_t tensor) const {
+  if (!tensors_[tensor].npy_apart) return derived_base_ + 2 * tensor + 1;
+  return apart_.at(2 * tensor + 1);
 }
 
 std::string TensorCatalog::relative_path(NodeIndex i) const {
-  std::size_t size = 0;
-  for (NodeIndex n = i; n != kRoot && n != kNoNode; n = nodes_[n].parent)
-    size += nodes_[n].name_size + 1;
+  const std::string_view suffix = suffix_text(node(i).suffix);
+  std::size_t size = suffix.size();
+  for (NodeIndex n = i < derived_base_ ? i : tensors_[(i - derived_base_) / 2].data_node;
+       n != kRoot && n != kNoNode; n = nodes_[n].parent)
+    size += nodes_[n].stem_size + 1;
   if (size == 0) return {};
   // Filled from the end: the walk goes from the file up to the root.
   std::string out(size - 1, '/');
-  std::size_t end = out.size();
-  for (NodeIndex n = i; n != kRoot && n != kNoNode; n = nodes_[n].parent) {
+  std::size_t end = out.size() - suffix.size();
+  std::memcpy(out.data() + end, suffix.data(), suffix.size());
+  for (NodeIndex n = i < derived_base_ ? i : tensors_[(i - derived_base_) / 2].data_node;
+       n != kRoot && n != kNoNode; n = nodes_[n].parent) {
     const Node& node = nodes_[n];
-    end -= node.name_size;
-    std::memcpy(out.data() + end, node.name_data, node.name_size);
+    end -= node.stem_size;
+    std::memcpy(out.data() + end, node.stem_data, node.stem_size);
     if (end > 0) --end;
   }
   return out;
@@ -51,13 +99,14 @@ std::string TensorCatalog::relative_path(NodeIndex i) const {
 NodeIndex TensorCatalog::add_node(NodeKind kind, NodeIndex parent, std::string_view name,
                                   std::uint32_t ref) {
   Node n;
-  n.name_data = name.data();
-  n.name_size = static_cast<std::uint32_t>(name.size());
+  n.stem_data = name.data();
+  n.stem_size = static_cast<std::uint32_t>(name.size());
   n.parent = parent;
   n.ref = ref;
   n.kind = kind;
   nodes_.push_back(n);
-  return static_cast<NodeIndex>(nodes_.size() - 1);
+  derived_base_ = static_cast<NodeIndex>(nodes_.size());
+  return derived_base_ - 1;
 }
 
 NodeIndex TensorCatalog::add_directory(NodeIndex parent, std::string_view name) {
@@ -75,7 +124,8 @@ std::size_t TensorCatalog::metadata_bytes() const {
   std::size_t n = nodes_.capacity() * sizeof(Node) + tensors_.capacity() * sizeof(TensorInfo) +
                   storages_.capacity() * sizeof(StorageInfo) + arena_->bytes_reserved() +
                   children_.capacity() * sizeof(children_[0]) + listed_.capacity() * 4 +
-                  tensor_parts_.capacity() * 4 + sidecar_sizes_.size() * 4;
+                  tensor_parts_.capacity() * 4 + sidecar_sizes_.size() * 4 +
+                  apart_.size() * (sizeof(std::pair<std::uint32_t, NodeIndex>) + 16);
   for (const auto& a : part_arenas_) n += a->bytes_reserved();
   for (const auto& c : children_) n += c.capacity() * sizeof(NodeIndex);
   for (const auto& t : texts_) n += t.capacity() + sizeof(t);
@@ -167,16 +217,17 @@ std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset
   append_json_string(out, format_);
   out += ",\n\"tensors\": [";
   for (std::size_t i = 0; i < subset.size(); ++i) {
-    const TensorInfo& t = tensors_[subset[i]];
+    const std::uint32_t index = subset[i];
+    const TensorInfo& t = tensors_[index];
     out += i ? ",\n" : "\n";
     out += "{\"key\": ";
     append_json_key(out, t.key);
     out += ", \"path\": ";
     append_json_string(out, path_of(t));
     out += ", \"sidecar\": ";
-    append_json_string(out, relative_path(t.sidecar_node));
+    append_json_string(out, relative_path(sidecar_node(index)));
     out += ", \"npy\": ";
-    append_json_string(out, relative_path(t.npy_node));
+    append_json_string(out, relative_path(npy_node(index)));
     out += ", \"dtype\": ";
     append_json_string(out, t.dtype->name);
     out += ", \"shape\": ";
@@ -205,7 +256,7 @@ void TensorCatalog::reroot(const std::string& path) {
     std::string part =
         path.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
     if (!part.empty()) {
-      target = nodes_[target].kind == NodeKind::Directory ? lookup(target, part) : kNoNode;
+      target = node(target).kind == NodeKind::Directory ? lookup(target, part) : kNoNode;
       if (target == kNoNode)
         throw FormatError(
             fmt::format("--root '{}': no such directory in the checkpoint's tree", path));
@@ -213,7 +264,7 @@ void TensorCatalog::reroot(const std::string& path) {
     if (slash == std::string::npos) break;
     start = slash + 1;
   }
-  if (nodes_[target].kind != NodeKind::Directory) {
+  if (node(target).kind != NodeKind::Directory) {
     throw FormatError(fmt::format("--root '{}' is a file, not a directory of the tree", path));
   }
   if (target == kRoot) return;
@@ -229,7 +280,7 @@ void TensorCatalog::reroot(const std::string& path) {
   auto& rc = children_of(kRoot);
   rc.push_back(meta);
   std::sort(rc.begin(), rc.end(),
-            [this](NodeIndex a, NodeIndex b) { return nodes_[a].name() < nodes_[b].name(); });
+            [this](NodeIndex a, NodeIndex b) { return nodes_[a].stem() < nodes_[b].stem(); });
   // Keep the tensors under the new root, with paths relative to it.
   std::vector<NodeIndex> stack = {kRoot};
   std::vector<bool> reachable(tensors_.size(), false);
@@ -266,16 +317,17 @@ void TensorCatalog::finish() {
   auto& rc = children_of(kRoot);
   rc.insert(std::lower_bound(
                 rc.begin(), rc.end(), meta,
-                [this](NodeIndex a, NodeIndex b) { return nodes_[a].name() < nodes_[b].name(); }),
+                [this](NodeIndex a, NodeIndex b) { return nodes_[a].stem() < nodes_[b].stem(); }),
             meta);
   arena_->stop_interning();
   sidecar_sizes_ = std::vector<std::atomic<std::uint32_t>>(tensors_.size());
   listed_.resize(tensors_.size());
   for (std::uint32_t i = 0; i < listed_.size(); ++i) listed_[i] = i;
+  derived_base_ = static_cast<NodeIndex>(nodes_.size());
 }
 
 std::uint64_t TensorCatalog::generated_size(NodeIndex i) const {
-  const Node& n = nodes_[i];
+  const Node n = node(i);
   switch (n.kind) {
     case NodeKind::TensorSidecar: {
       std::atomic<std::uint32_t>& cached = sidecar_sizes_[n.tensor()];
@@ -287,7 +339,7 @@ std::uint64_t TensorCatalog::generated_size(NodeIndex i) const {
       return size;
     }
     case NodeKind::JsonValue:
-      return text(i).size();
+      return texts_[n.ref].size();
     case NodeKind::IndexFile:
       return index_json().size();
     default:

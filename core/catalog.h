@@ -16,6 +16,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "catalog_arena.h"
@@ -55,11 +56,10 @@ struct StorageInfo {
 // shared between tensors that have equal ones).
 struct TensorInfo {
   std::span<const KeyPart> key;
-  // Its three files (raw, .json sidecar, .npy view); their paths come from the tree when
-  // needed (TensorCatalog::relative_path), rather than strings per tensor.
+  // Its raw file. Its .json sidecar and .npy view have no nodes of their own unless a name
+  // clash renamed them (|sidecar_apart|, |npy_apart|): TensorCatalog::sidecar_node/npy_node.
+  // Paths come from the tree when needed (TensorCatalog::relative_path), not strings per tensor.
   NodeIndex data_node = kNoNode;
-  NodeIndex sidecar_node = kNoNode;
-  NodeIndex npy_node = kNoNode;
   std::uint32_t storage = kNoStorage;
   const DType* dtype = &kNoDType;
   std::span<const std::int64_t> shape;
@@ -71,6 +71,10 @@ struct TensorInfo {
   // conjugated / negated; the file holds the logical values.
   bool conj = false;
   bool neg = false;
+  // The sidecar / view is not named "<raw file>.json" / ".npy" (a clash gave it a "~N"), so it
+  // is a node of the tree like any other file.
+  bool sidecar_apart = false;
+  bool npy_apart = false;
   std::string_view wrapper;  // e.g. "torch.nn.parameter.Parameter", or a tensor subclass
   // Non-empty: the file exists but reads fail (EIO); says why. Empty: the view was validated
   // against its storage, so layout() is safe to build.
@@ -94,17 +98,32 @@ enum class NodeKind : std::uint8_t {
   SafetensorsFile,  // /.ckptfs/model.safetensors: every tensor as one safetensors file
 };
 
-// 24 bytes: a checkpoint of many small tensors has three of these per tensor.
+// What a derived file's name adds to its tensor's raw file name.
+enum class NameSuffix : std::uint8_t { None, Json, Npy };
+constexpr std::string_view suffix_text(NameSuffix s) {
+  return s == NameSuffix::Json ? ".json" : s == NameSuffix::Npy ? ".npy" : "";
+}
+
+// 24 bytes: a checkpoint of many small tensors has one of these per tensor (the raw file).
+// A tensor's sidecar and .npy view are derived: TensorCatalog::node() makes their Node on
+// demand, with the raw file's name as |stem| and a |suffix|.
 struct Node {
-  const char* name_data = "";  // in the arena, NUL-terminated
-  std::uint32_t name_size = 0;
+  const char* stem_data = "";  // in the arena, NUL-terminated
+  std::uint32_t stem_size = 0;
   NodeIndex parent = kNoNode;
   // TensorData, TensorSidecar, NpyView: the tensor's index. Directory: its slot in the
   // children table; JsonValue: its slot in the texts table (TensorCatalog::children / text).
   std::uint32_t ref = 0;
   NodeKind kind = NodeKind::Directory;
+  NameSuffix suffix = NameSuffix::None;
 
-  std::string_view name() const { return {name_data, name_size}; }
+  // The name is |stem| + suffix_text(); only derived nodes have a suffix.
+  std::string_view stem() const { return {stem_data, stem_size}; }
+  std::string name() const {
+    std::string out(stem());
+    out += suffix_text(suffix);
+    return out;
+  }
   std::uint32_t tensor() const { return ref; }
 };
 static_assert(sizeof(Node) == 24);
@@ -117,16 +136,29 @@ class TensorCatalog {
 
   static constexpr NodeIndex kRoot = 0;
 
-  const Node& node(NodeIndex i) const { return nodes_[i]; }
-  std::size_t node_count() const { return nodes_.size(); }
-  // A directory's entries, sorted by name.
+  // Nodes are numbered 0 .. node_count() - 1: the stored ones, then two derived ones (sidecar,
+  // view) per tensor. Returned by value: a derived node is made on the spot.
+  Node node(NodeIndex i) const {
+    return i < derived_base_ ? nodes_[i] : derived_node(i - derived_base_);
+  }
+  std::size_t node_count() const { return derived_base_ + 2 * tensors_.size(); }
+  // A directory's stored entries, sorted by name (derived files are not among them: see
+  // entry()).
   std::span<const NodeIndex> children(NodeIndex dir) const {
-    if (nodes_[dir].kind != NodeKind::Directory) return {};
+    if (dir >= derived_base_ || nodes_[dir].kind != NodeKind::Directory) return {};
     return children_[nodes_[dir].ref];
   }
+  // A directory's listing: slot 3k is its k-th child, 3k+1 and 3k+2 that child's derived
+  // sidecar and view if it is a tensor's raw file (kNoNode otherwise). Slots run from 0 to
+  // entry_slots(dir) - 1, so a listing resumes from a slot number.
+  std::size_t entry_slots(NodeIndex dir) const { return 3 * children(dir).size(); }
+  NodeIndex entry(NodeIndex dir, std::size_t slot) const;
+  // Where a tensor's sidecar and .npy view are (derived, or stored when renamed by a clash).
+  NodeIndex sidecar_node(std::uint32_t tensor) const;
+  NodeIndex npy_node(std::uint32_t tensor) const;
   // A JsonValue file's content.
   std::string_view text(NodeIndex i) const {
-    if (nodes_[i].kind != NodeKind::JsonValue) return {};
+    if (i >= derived_base_ || nodes_[i].kind != NodeKind::JsonValue) return {};
     return texts_[nodes_[i].ref];
   }
   NodeIndex lookup(NodeIndex dir, std::string_view name) const;
@@ -190,11 +222,17 @@ class TensorCatalog {
   NodeIndex add_directory(NodeIndex parent, std::string_view name);
   NodeIndex add_json(NodeIndex parent, std::string_view name, std::string text);
   std::vector<NodeIndex>& children_of(NodeIndex dir) { return children_[nodes_[dir].ref]; }
+  // |k|: 2 * tensor (+ 1 for the view) from derived_base_.
+  Node derived_node(std::size_t k) const;
 
   std::unique_ptr<CatalogArena> arena_ = std::make_unique<CatalogArena>();
   // Merged catalogs keep their parts' arenas alive (their views are moved, not copied).
   std::vector<std::unique_ptr<CatalogArena>> part_arenas_;
   std::vector<Node> nodes_;
+  // The first derived node's index: nodes_.size(), kept by add_node() and finish().
+  NodeIndex derived_base_ = 0;
+  // Sidecars and views stored apart (renamed by a clash): 2 * tensor (+ 1 for a view) -> node.
+  std::unordered_map<std::uint32_t, NodeIndex> apart_;
   std::vector<std::vector<NodeIndex>> children_;  // by Directory node's ref
   std::vector<std::string> texts_;                // by JsonValue node's ref
   std::vector<TensorInfo> tensors_;

@@ -75,7 +75,8 @@ CatalogBuilder::CatalogBuilder(const ValueArena& arena, TensorCatalog& catalog,
     : arena_(arena), catalog_(catalog), resolve_(std::move(resolver)) {}
 
 void CatalogBuilder::check_node_limit() const {
-  if (catalog_.nodes_.size() >= kMaxNodes) {
+  // Files: the stored nodes and each tensor's two derived ones.
+  if (catalog_.nodes_.size() + 2 * catalog_.tensors_.size() >= kMaxNodes) {
     throw FormatError(fmt::format(
         "checkpoint expands to more than {} files (shared objects referenced too often?)",
         kMaxNodes));
@@ -460,19 +461,42 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
 
   // Names: raw files and directories first (so a sidecar never shadows a tensor), then the
   // .json files; a clash appends ~1, ~2, ... before any ".json".
-  // Claimed names go straight to the catalog's arena, where their nodes will point.
+  // Claimed names go straight to the catalog's arena, where their nodes will point. A tensor's
+  // "<raw>.json" and "<raw>.npy" are not copied: they are taken when <raw> is in |derived_json|
+  // / |derived_npy|.
   std::unordered_set<std::string_view> taken;
-  taken.reserve(3 * entries.size() + 1);  // up to three names per entry: never rehash
+  std::unordered_set<std::string_view> derived_json;
+  std::unordered_set<std::string_view> derived_npy;
+  taken.reserve(entries.size() + 1);  // one name per entry and a few clashes: rarely a rehash
   if (dir == TensorCatalog::kRoot) taken.insert(".ckptfs");
+  auto is_taken = [&](std::string_view name) {
+    if (taken.contains(name)) return true;
+    if (name.ends_with(".json") && derived_json.contains(name.substr(0, name.size() - 5)))
+      return true;
+    return name.ends_with(".npy") && derived_npy.contains(name.substr(0, name.size() - 4));
+  };
   std::string candidate;
   auto claim = [&](std::string_view base, std::string_view ext) {
     candidate.assign(base);
     candidate += ext;
-    // One hash lookup per name: a clash (rare) leaves its copy unused in the arena.
+    for (int n = 1; is_taken(candidate); ++n) candidate = fmt::format("{}~{}{}", base, n, ext);
     std::string_view name = keep(candidate);
-    for (int n = 1; !taken.insert(name).second; ++n)
-      name = keep(fmt::format("{}~{}{}", base, n, ext));
+    taken.insert(name);
     return name;
+  };
+  // A tensor's sidecar or view: derived (true) when "<raw><ext>" is free; else stored under
+  // the name claim() gives it (returned in |apart_name|).
+  auto claim_derived = [&](std::string_view raw, std::string_view ext,
+                           std::unordered_set<std::string_view>& derived,
+                           std::string_view& apart_name) {
+    candidate.assign(raw);
+    candidate += ext;
+    if (!is_taken(candidate)) {
+      derived.insert(raw);
+      return true;
+    }
+    apart_name = claim(raw, ext);
+    return false;
   };
   auto add_json = [&](std::string_view name, std::string text) {
     check_node_limit();
@@ -517,9 +541,11 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   for (Pending& p : entries) {
     const KeyPart& k = p.child->key;
     if (p.what == Pending::Tensor) {
-      std::string_view sidecar = claim(p.primary, ".json");
-      std::string_view npy = claim(p.primary, ".npy");
       TensorInfo info = p.tensor->info;
+      std::string_view sidecar;
+      std::string_view npy;
+      info.sidecar_apart = !claim_derived(p.primary, ".json", derived_json, sidecar);
+      info.npy_apart = !claim_derived(p.primary, ".npy", derived_npy, npy);
       auto tensor_index = static_cast<std::uint32_t>(catalog_.tensors_.size());
       auto add_tensor_file = [&](NodeKind kind, std::string_view name) {
         check_node_limit();
@@ -528,14 +554,17 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
         return index;
       };
       if (!info.error.empty()) {
-        catalog_.warnings_.push_back(fmt::format("tensor '{}{}': {} (reads return EIO; see {}{})",
-                                                 dir_prefix, p.primary, info.error, dir_prefix,
-                                                 sidecar));
+        catalog_.warnings_.push_back(fmt::format(
+            "tensor '{}{}': {} (reads return EIO; see {}{})", dir_prefix, p.primary, info.error,
+            dir_prefix,
+            info.sidecar_apart ? std::string(sidecar) : fmt::format("{}.json", p.primary)));
       }
       info.data_node = add_tensor_file(NodeKind::TensorData, p.primary);
-      info.sidecar_node = add_tensor_file(NodeKind::TensorSidecar, sidecar);
-      info.npy_node = add_tensor_file(NodeKind::NpyView, npy);
-      key.push_back(stable_key(k, catalog_.nodes_[info.data_node].name()));
+      if (info.sidecar_apart)
+        catalog_.apart_[2 * tensor_index] = add_tensor_file(NodeKind::TensorSidecar, sidecar);
+      if (info.npy_apart)
+        catalog_.apart_[2 * tensor_index + 1] = add_tensor_file(NodeKind::NpyView, npy);
+      key.push_back(stable_key(k, catalog_.nodes_[info.data_node].stem()));
       info.key = catalog_.arena_->add(std::span<const KeyPart>(key));
       key.pop_back();
       catalog_.tensors_.push_back(info);
@@ -543,7 +572,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
       check_node_limit();
       NodeIndex child_dir = catalog_.add_directory(dir, p.primary);
       catalog_.children_of(dir).push_back(child_dir);
-      key.push_back(stable_key(k, catalog_.nodes_[child_dir].name()));
+      key.push_back(stable_key(k, catalog_.nodes_[child_dir].stem()));
       fill_directory(child_dir, p.child->value, key, depth + 1);
       key.pop_back();
       if (!p.special.empty()) {
@@ -565,7 +594,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   auto& ch = catalog_.children_of(dir);
   std::vector<std::pair<std::string_view, NodeIndex>> by_name;
   by_name.reserve(ch.size());
-  for (NodeIndex c : ch) by_name.emplace_back(catalog_.nodes_[c].name(), c);
+  for (NodeIndex c : ch) by_name.emplace_back(catalog_.nodes_[c].stem(), c);
   std::sort(by_name.begin(), by_name.end());
   for (std::size_t i = 0; i < ch.size(); ++i) ch[i] = by_name[i].second;
 }

@@ -36,16 +36,21 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
       stack.pop_back();
       for (NodeIndex c : part.children(from_dir)) {
         const Node& n = part.nodes_[c];
-        if (from_dir == kRoot && n.name() == ".ckptfs") continue;
-        auto [it, fresh] = by_name.emplace(slot(to_dir, n.name()), kNoNode);
-        if (!fresh) {
-          const Node& there = out.nodes_[it->second];
-          if (n.kind == NodeKind::Directory && there.kind == NodeKind::Directory) {
-            stack.emplace_back(c, it->second);
-            continue;
+        if (from_dir == kRoot && n.stem() == ".ckptfs") continue;
+        // A clash is an error: for a raw file, also of its derived sidecar's and view's names.
+        auto claim = [&](std::string_view name, std::string_view what) {
+          auto [it, fresh] = by_name.emplace(slot(to_dir, name), kNoNode);
+          if (!fresh && !(n.kind == NodeKind::Directory &&
+                          out.nodes_[it->second].kind == NodeKind::Directory)) {
+            throw FormatError(fmt::format("'{}{}' is in both '{}' and '{}'", part.relative_path(c),
+                                          what, part_names[owner[it->second]], part_names[p]));
           }
-          throw FormatError(fmt::format("'{}' is in both '{}' and '{}'", part.relative_path(c),
-                                        part_names[owner[it->second]], part_names[p]));
+          return std::pair{it, fresh};
+        };
+        auto [it, fresh] = claim(n.stem(), "");
+        if (!fresh) {  // two directories: merged
+          stack.emplace_back(c, it->second);
+          continue;
         }
         // The name stays in the part's arena, which |out| keeps.
         Node copy = n;
@@ -64,6 +69,14 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
         owner.push_back(static_cast<std::uint32_t>(p));
         out.children_of(to_dir).push_back(it->second);
         if (n.kind == NodeKind::Directory) stack.emplace_back(c, it->second);
+        if (n.kind == NodeKind::TensorData) {
+          const TensorInfo& t = part.tensors_[n.tensor()];
+          // Derived names point at the raw file, whose part is the one to name in a message.
+          for (auto [apart, ext] : {std::pair{t.sidecar_apart, std::string_view(".json")},
+                                    std::pair{t.npy_apart, std::string_view(".npy")}}) {
+            if (!apart) claim(fmt::format("{}{}", n.stem(), ext), ext).first->second = it->second;
+          }
+        }
       }
     }
     out.part_arenas_.push_back(std::move(part.arena_));
@@ -85,7 +98,7 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
   }
   for (auto& children : out.children_) {
     std::sort(children.begin(), children.end(), [&out](NodeIndex a, NodeIndex b) {
-      return out.nodes_[a].name() < out.nodes_[b].name();
+      return out.nodes_[a].stem() < out.nodes_[b].stem();
     });
   }
   // File nodes are the merged tree's.
@@ -94,9 +107,9 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
     if (n.kind == NodeKind::TensorData) {
       out.tensors_[n.tensor()].data_node = i;
     } else if (n.kind == NodeKind::TensorSidecar) {
-      out.tensors_[n.tensor()].sidecar_node = i;
+      out.apart_[2 * n.tensor()] = i;
     } else if (n.kind == NodeKind::NpyView) {
-      out.tensors_[n.tensor()].npy_node = i;
+      out.apart_[2 * n.tensor() + 1] = i;
     }
   }
   std::string joined;

@@ -42,7 +42,7 @@ void log_error(MountState& s, const std::string& what) {
 
 struct stat make_stat(const MountState& s, NodeIndex i) {
   struct stat st {};
-  const Node& n = s.catalog.node(i);
+  const Node n = s.catalog.node(i);
   st.st_ino = i + 1;
   st.st_uid = s.uid;
   st.st_gid = s.gid;
@@ -155,17 +155,24 @@ void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plu
     fuse_reply_err(req, ENOTDIR);
     return;
   }
-  const Node& d = s.catalog.node(dir);
-  // Offsets: 0 = ".", 1 = "..", 2 + k = the k-th child.
+  const Node d = s.catalog.node(dir);
+  // Offsets: 0 = ".", 1 = "..", 2 + slot = the directory's entry(slot); empty slots are skipped.
   std::vector<char> buf(size);
   std::size_t used = 0;
-  const auto children = s.catalog.children(dir);
-  const auto total = static_cast<off_t>(children.size() + 2);
+  std::string name;
+  const auto total = static_cast<off_t>(s.catalog.entry_slots(dir) + 2);
   for (off_t pos = off; pos < total; ++pos) {
     NodeIndex target = pos == 0   ? dir
                        : pos == 1 ? (d.parent == kNoNode ? dir : d.parent)
-                                  : children[static_cast<std::size_t>(pos - 2)];
-    const char* name = pos == 0 ? "." : pos == 1 ? ".." : s.catalog.node(target).name_data;
+                                  : s.catalog.entry(dir, static_cast<std::size_t>(pos - 2));
+    if (target == kNoNode) continue;
+    if (pos < 2) {
+      name = pos == 0 ? "." : "..";
+    } else {
+      const Node n = s.catalog.node(target);
+      name.assign(n.stem());
+      name += suffix_text(n.suffix);
+    }
     struct stat st = make_stat(s, target);
     std::size_t need;
     if (plus) {
@@ -176,9 +183,9 @@ void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plu
       // "." and ".." must not take a lookup reference.
       e.ino = pos < 2 ? 0 : target + 1;
       if (pos < 2) e.attr.st_ino = target + 1;
-      need = fuse_add_direntry_plus(req, buf.data() + used, size - used, name, &e, pos + 1);
+      need = fuse_add_direntry_plus(req, buf.data() + used, size - used, name.c_str(), &e, pos + 1);
     } else {
-      need = fuse_add_direntry(req, buf.data() + used, size - used, name, &st, pos + 1);
+      need = fuse_add_direntry(req, buf.data() + used, size - used, name.c_str(), &st, pos + 1);
     }
     if (need > size - used) break;
     used += need;
@@ -201,7 +208,7 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     fuse_reply_err(req, ENOENT);
     return;
   }
-  const Node& n = s.catalog.node(i);
+  const Node n = s.catalog.node(i);
   if (n.kind == NodeKind::Directory) {
     fuse_reply_err(req, EISDIR);
     return;
@@ -303,7 +310,7 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
     fuse_reply_err(req, EINVAL);
     return;
   }
-  const Node& n = s.catalog.node(i);
+  const Node n = s.catalog.node(i);
   try {
     switch (n.kind) {
       case NodeKind::TensorData:
@@ -370,7 +377,7 @@ std::vector<std::pair<std::string, std::string>> tensor_xattrs(const TensorCatal
 const TensorInfo* tensor_of(const MountState& s, fuse_ino_t ino) {
   NodeIndex i;
   if (!node_of(s, ino, i)) return nullptr;
-  const Node& n = s.catalog.node(i);
+  const Node n = s.catalog.node(i);
   if (n.kind != NodeKind::TensorData && n.kind != NodeKind::NpyView &&
       n.kind != NodeKind::TensorSidecar)
     return nullptr;

@@ -112,7 +112,7 @@ int run_inspect_command(int argc, char** argv) {
     }
     std::vector<std::string> values;
     for (NodeIndex child : c.children(TensorCatalog::kRoot)) {
-      const Node& n = c.node(child);
+      const Node n = c.node(child);
       if (n.kind == NodeKind::JsonValue || (n.kind == NodeKind::Directory && n.name() != ".ckptfs"))
         values.emplace_back(n.name());
     }

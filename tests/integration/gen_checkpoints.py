@@ -107,6 +107,8 @@ def names():
         "x" * 300: t(10), "\u00e9t\u00e9/\u2603" * 40: t(11),
         "dir": {"w": t(12), "w.json": "a string, not the sidecar"},
         ".ckptfs": t(13),
+        # Only the view steps aside: v's .npy becomes v~1.npy, its sidecar stays v.json.
+        "v.npy": t(14), "v": t(15),
     }
 
 

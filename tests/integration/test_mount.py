@@ -287,6 +287,39 @@ class MountedCheckpointTest(unittest.TestCase):
             self.assertTrue(all(len(n.encode()) <= 255 for n in names))
             with open(m.file("dir/w.json.json")) as f:
                 self.assertEqual(json.load(f), "a string, not the sidecar")
+            self.assertEqual(by_key[("v",)]["npy"], "v~1.npy")
+            self.assertEqual(by_key[("v",)]["sidecar"], "v.json")
+            self.assertEqual(by_key[("v.npy",)]["path"], "v.npy")
+
+    def test_listing_matches_lookups(self):
+        # Sidecars and views are not stored per tensor but derived from the raw file's name,
+        # unless a clash renamed them: listings and lookups must still agree, name for name.
+        obj = torch.load(self.paths["names"])
+        with Mount(self.paths["names"]) as m:
+            inodes = {}
+            for top, dirs, files in os.walk(m.path):
+                names = dirs + files
+                self.assertEqual(len(names), len(set(names)), top)
+                for n in names:
+                    st = os.lstat(os.path.join(top, n))
+                    rel = os.path.relpath(os.path.join(top, n), m.path)
+                    self.assertNotIn(st.st_ino, inodes, f"{rel} shares an inode with {inodes.get(st.st_ino)}")
+                    inodes[st.st_ino] = rel
+            listed = set(inodes.values())
+            for e in m.index()["tensors"]:
+                for what in ("path", "sidecar", "npy"):
+                    self.assertIn(e[what], listed, e)
+                with open(m.file(e["sidecar"])) as f:
+                    side = json.load(f)
+                self.assertEqual((side["key"], side["path"]), (e["key"], e["path"]))
+                want = torch_bytes(obj[e["key"][0]] if len(e["key"]) == 1 else obj["dir"]["w"])
+                with open(m.file(e["path"]), "rb") as f:
+                    self.assertEqual(f.read(), want, e["path"])
+                self.assertEqual(np.load(m.file(e["npy"])).tobytes(), want, e["npy"])
+            # A derived name of a renamed file belongs to nothing.
+            self.assertFalse(os.path.exists(m.file("v~1.json")))
+            self.assertFalse(os.path.exists(m.file("w~1.npy")))
+            self.assertFalse(os.path.exists(m.file("dir/w.json.npy")))
 
     def test_read_only(self):
         with Mount(self.paths["dtypes"]) as m:

@@ -127,6 +127,24 @@ class ShardsTest(unittest.TestCase):
         finally:
             os.rmdir(mnt)
 
+    def test_a_sidecar_name_clashes_across_files(self):
+        # "w.json" is tensor w's sidecar in one file and value w's file in the other: one of
+        # them would be hidden, so the merge refuses, whichever file comes first.
+        a = os.path.join(self.tmp.name, "tensor.pt")
+        b = os.path.join(self.tmp.name, "value.pt")
+        torch.save({"w": torch.ones(3)}, a)
+        torch.save({"w": 5}, b)
+        mnt = tempfile.mkdtemp(prefix="ckptfs-mnt-")
+        try:
+            for order in ((a, b), (b, a)):
+                r = run_ckptfs(*order, mnt)
+                self.assertEqual(r.returncode, 1, order)
+                self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+                self.assertIn("'w.json' is in both", r.stderr)
+                self.assertFalse(is_mounted(mnt))
+        finally:
+            os.rmdir(mnt)
+
     def test_broken_indexes_fail_with_one_line(self):
         d = os.path.join(self.tmp.name, "broken")
         os.makedirs(d)
