@@ -134,20 +134,20 @@ std::size_t TensorCatalog::metadata_bytes() const {
 
 std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
   std::string out = "{\n  \"key\": ";
-  append_json_key(out, t.key);
+  append_json_key(out, t.key());
   out += ",\n  \"path\": ";
   append_json_string(out, path_of(t));
   out += ",\n  \"dtype\": ";
-  append_json_string(out, t.dtype->name);
+  append_json_string(out, t.dtype().name);
   out += ",\n  \"numpy_dtype\": ";
-  append_json_string(out, t.dtype->numpy_dtype);
+  append_json_string(out, t.dtype().numpy_dtype);
   out += ",\n  \"shape\": ";
-  append_json_int_array(out, t.shape);
+  append_json_int_array(out, t.shape());
   out += fmt::format(",\n  \"nbytes\": {}", t.nbytes);
   out += fmt::format(",\n  \"requires_grad\": {}", t.requires_grad ? "true" : "false");
-  if (!t.wrapper.empty()) {
+  if (!t.wrapper().empty()) {
     out += ",\n  \"wrapper\": ";
-    append_json_string(out, t.wrapper);
+    append_json_string(out, t.wrapper());
   }
   out += ",\n  \"byteorder\": \"little\"";
   if (big_endian_) out += ",\n  \"byteswapped\": \"stored big-endian; served little-endian\"";
@@ -157,7 +157,7 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
         "would\"",
         t.conj ? "conj" : "", t.conj && t.neg ? "+" : "", t.neg ? "neg" : "");
   }
-  if (t.dtype->name == "bfloat16") {
+  if (t.dtype().name == "bfloat16") {
     out +=
         ",\n  \"note\": \"numpy has no bfloat16: read as <u2 raw bits; float32 = "
         "(bits.astype('<u4') << 16).view('<f4')\"";
@@ -176,12 +176,12 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
         fmt::format(",\n    \"file_offset\": {},\n    \"storage_nbytes\": {}", s.offset, s.nbytes);
   }
   out += fmt::format(",\n    \"storage_offset\": {},\n    \"stride\": ", t.storage_offset);
-  append_json_int_array(out, t.stride);
+  append_json_int_array(out, t.stride());
   out += fmt::format(",\n    \"contiguous\": {}\n  }}",
-                     t.error.empty() && t.layout().contiguous() ? "true" : "false");
-  if (!t.error.empty()) {
+                     t.error().empty() && t.layout().contiguous() ? "true" : "false");
+  if (!t.error().empty()) {
     out += ",\n  \"error\": ";
-    append_json_string(out, t.error);
+    append_json_string(out, t.error());
   }
   out += "\n}\n";
   return out;
@@ -189,12 +189,12 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
 
 std::string TensorCatalog::npy_header(const TensorInfo& t) {
   std::string dict =
-      fmt::format("{{'descr': '{}', 'fortran_order': False, 'shape': (", t.dtype->numpy_dtype);
-  for (std::size_t i = 0; i < t.shape.size(); ++i)
-    dict += fmt::format("{}{}", t.shape[i],
-                        t.shape.size() == 1      ? ","
-                        : i + 1 < t.shape.size() ? ", "
-                                                 : "");
+      fmt::format("{{'descr': '{}', 'fortran_order': False, 'shape': (", t.dtype().numpy_dtype);
+  for (std::size_t i = 0; i < t.shape().size(); ++i)
+    dict += fmt::format("{}{}", t.shape()[i],
+                        t.shape().size() == 1      ? ","
+                        : i + 1 < t.shape().size() ? ", "
+                                                   : "");
   dict += "), }";
   // The header (magic, version, length field, dict) is padded with spaces to a multiple of 64
   // and ends in a newline, as numpy writes it; version 2.0 when the dict exceeds 65535 bytes.
@@ -221,7 +221,7 @@ std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset
     const TensorInfo& t = tensors_[index];
     out += i ? ",\n" : "\n";
     out += "{\"key\": ";
-    append_json_key(out, t.key);
+    append_json_key(out, t.key());
     out += ", \"path\": ";
     append_json_string(out, path_of(t));
     out += ", \"sidecar\": ";
@@ -229,13 +229,13 @@ std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset
     out += ", \"npy\": ";
     append_json_string(out, relative_path(npy_node(index)));
     out += ", \"dtype\": ";
-    append_json_string(out, t.dtype->name);
+    append_json_string(out, t.dtype().name);
     out += ", \"shape\": ";
-    append_json_int_array(out, t.shape);
+    append_json_int_array(out, t.shape());
     out += fmt::format(", \"nbytes\": {}", t.nbytes);
-    if (!t.error.empty()) {
+    if (!t.error().empty()) {
       out += ", \"error\": ";
-      append_json_string(out, t.error);
+      append_json_string(out, t.error());
     }
     out += "}";
   }

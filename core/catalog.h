@@ -52,40 +52,81 @@ struct StorageInfo {
   std::uint64_t nbytes = 0;
 };
 
-// Spans and strings point into the catalog's arena (shapes, strides and wrapper names are
-// shared between tensors that have equal ones).
-struct TensorInfo {
-  std::span<const KeyPart> key;
+// One tensor file, in 72 bytes: a checkpoint of many small tensors has one per tensor. The
+// arrays and texts are in the catalog's arena (shapes, strides and wrapper names shared between
+// tensors that have equal ones); the accessors give them as spans and views.
+class TensorInfo {
+  // First: the pointers, then the public numbers, then the small fields (no padding holes).
+  const KeyPart* key_data_ = nullptr;
+  const std::int64_t* shape_data_ = nullptr;
+  const std::int64_t* stride_data_ = nullptr;
+  const char* wrapper_ = nullptr;
+  const char* error_ = nullptr;
+
+ public:
+  std::span<const KeyPart> key() const { return {key_data_, key_size_}; }
+  std::span<const std::int64_t> shape() const { return {shape_data_, ndim_}; }
+  // Empty when the pickle's stride did not match the shape (the tensor then has an error()).
+  std::span<const std::int64_t> stride() const {
+    return stride_data_ ? std::span(stride_data_, ndim_) : std::span<const std::int64_t>();
+  }
+  const DType& dtype() const { return dtype_from_id(dtype_id_); }
+  // e.g. "torch.nn.parameter.Parameter", or a tensor subclass; empty for a plain tensor.
+  std::string_view wrapper() const { return wrapper_ ? wrapper_ : ""; }
+  // Non-empty: the file exists but reads fail (EIO); says why. Empty: the view was validated
+  // against its storage, so layout() is safe to build.
+  std::string_view error() const { return error_ ? error_ : ""; }
+
+  // |key| at most 65,535 parts (the builder's depth limit is far lower).
+  void set_key(std::span<const KeyPart> key) {
+    key_data_ = key.data();
+    key_size_ = static_cast<std::uint16_t>(key.size());
+  }
+  // Returns false (storing neither) unless |shape| and |stride| have the same length, at most
+  // kMaxDims.
+  bool set_shape(std::span<const std::int64_t> shape, std::span<const std::int64_t> stride) {
+    if (shape.size() != stride.size() || shape.size() > kMaxDims) return false;
+    shape_data_ = shape.data();
+    stride_data_ = stride.data();
+    ndim_ = static_cast<std::uint16_t>(shape.size());
+    return true;
+  }
+  void set_dtype(const DType& d) { dtype_id_ = dtype_id(d); }
+  // Texts must be NUL-terminated and outlive the catalog: literals, or the arena's copies.
+  void set_wrapper(std::string_view w) { wrapper_ = w.data(); }
+  void set_error(std::string_view e) { error_ = e.data(); }
+
+  static constexpr std::size_t kMaxDims = 65535;
+
+  // Built on demand (per read): most tensors are contiguous, and a stored layout would cost
+  // every tensor its size.
+  TensorLayout layout() const {
+    return TensorLayout(shape(), stride(), storage_offset, dtype().itemsize);
+  }
+
+  std::int64_t storage_offset = 0;  // in elements
+  std::uint64_t nbytes = 0;
   // Its raw file. Its .json sidecar and .npy view have no nodes of their own unless a name
   // clash renamed them (|sidecar_apart|, |npy_apart|): TensorCatalog::sidecar_node/npy_node.
   // Paths come from the tree when needed (TensorCatalog::relative_path), not strings per tensor.
   NodeIndex data_node = kNoNode;
   std::uint32_t storage = kNoStorage;
-  const DType* dtype = &kNoDType;
-  std::span<const std::int64_t> shape;
-  std::span<const std::int64_t> stride;
-  std::int64_t storage_offset = 0;  // in elements
-  std::uint64_t nbytes = 0;
-  bool requires_grad = false;
+  bool requires_grad : 1 = false;
   // Math bits of newer torch (_rebuild_tensor_v2/v3 metadata): the stored values are to be
   // conjugated / negated; the file holds the logical values.
-  bool conj = false;
-  bool neg = false;
+  bool conj : 1 = false;
+  bool neg : 1 = false;
   // The sidecar / view is not named "<raw file>.json" / ".npy" (a clash gave it a "~N"), so it
   // is a node of the tree like any other file.
-  bool sidecar_apart = false;
-  bool npy_apart = false;
-  std::string_view wrapper;  // e.g. "torch.nn.parameter.Parameter", or a tensor subclass
-  // Non-empty: the file exists but reads fail (EIO); says why. Empty: the view was validated
-  // against its storage, so layout() is safe to build.
-  std::string_view error;
+  bool sidecar_apart : 1 = false;
+  bool npy_apart : 1 = false;
 
-  // Built on demand (per read): most tensors are contiguous, and a stored layout would cost
-  // every tensor its size.
-  TensorLayout layout() const {
-    return TensorLayout(shape, stride, storage_offset, dtype->itemsize);
-  }
+ private:
+  std::uint16_t key_size_ = 0;
+  std::uint16_t ndim_ = 0;
+  std::uint8_t dtype_id_ = 0;
 };
+static_assert(sizeof(TensorInfo) == 72);
 
 enum class NodeKind : std::uint8_t {
   Directory,

@@ -128,7 +128,7 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
     if (inner) {
       if (argv.size() > 1 && arena_[argv[1]].kind == ValueKind::Bool)
         inner->info.requires_grad = arena_[argv[1]].boolean;
-      inner->info.wrapper = "torch.nn.parameter.Parameter";
+      inner->info.set_wrapper("torch.nn.parameter.Parameter");
     }
     return inner;
   }
@@ -137,8 +137,8 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
     if (argv.size() < 3 || arena_[argv[0]].kind != ValueKind::Global) return std::nullopt;
     auto inner = parse_rebuild(arena_[argv[0]].text, argv[2], depth + 1);
     if (inner && arena_[argv[1]].kind == ValueKind::Global &&
-        arena_[argv[1]].text != "torch.Tensor" && inner->info.wrapper.empty()) {
-      inner->info.wrapper = shared(arena_[argv[1]].text);
+        arena_[argv[1]].text != "torch.Tensor" && inner->info.wrapper().empty()) {
+      inner->info.set_wrapper(shared(arena_[argv[1]].text));
     }
     return inner;
   }
@@ -155,34 +155,43 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
   auto shape = int_tuple(arena_, argv[2]);
   auto stride = int_tuple(arena_, argv[3]);
   if (!shape || !stride || arena_[argv[1]].kind != ValueKind::Int) {
-    t.error = "tensor arguments are malformed (size, stride or offset)";
+    t.set_error("tensor arguments are malformed (size, stride or offset)");
     return p;
   }
-  t.shape = shared(std::span<const std::int64_t>(*shape));
-  t.stride = shared(std::span<const std::int64_t>(*stride));
+  // Checked with the view (last, as other errors take precedence): a shape and a stride that
+  // do not fit together, or more dimensions than a TensorInfo holds.
+  std::optional<std::string> shape_error;
+  if (!t.set_shape(shared(std::span<const std::int64_t>(*shape)),
+                   shared(std::span<const std::int64_t>(*stride)))) {
+    shape_error =
+        shape->size() != stride->size()
+            ? fmt::format("shape has {} dims but stride has {}", shape->size(), stride->size())
+            : fmt::format("tensor has {} dimensions; ckptfs serves at most {}", shape->size(),
+                          TensorInfo::kMaxDims);
+  }
   t.storage_offset = arena_[argv[1]].integer;
   if (!quantized && argv.size() > 4 && arena_[argv[4]].kind == ValueKind::Bool)
     t.requires_grad = arena_[argv[4]].boolean;
 
   if (arena_[argv[0]].kind != ValueKind::PersistentRef) {
-    t.error = "tensor storage is not a storage reference";
+    t.set_error("tensor storage is not a storage reference");
     return p;
   }
   ResolvedStorage rs = resolve_(arena_[argv[0]].items[0]);
-  t.dtype = rs.dtype;
+  t.set_dtype(*rs.dtype);
   if (v3) {
     const DType* dt = nullptr;
     if (argv.size() > 6 && arena_[argv[6]].kind == ValueKind::Global)
       dt = dtype_by_name(arena_[argv[6]].text);
     if (!dt) {
-      t.error = "unknown dtype in _rebuild_tensor_v3";
+      t.set_error("unknown dtype in _rebuild_tensor_v3");
       return p;
     }
-    t.dtype = dt;
+    t.set_dtype(*dt);
   }
-  t.nbytes = logical_nbytes(t.shape, t.dtype->itemsize);
+  t.nbytes = logical_nbytes(t.shape(), t.dtype().itemsize);
   if (!rs.error.empty()) {
-    t.error = keep(rs.error);
+    t.set_error(keep(rs.error));
     return p;
   }
   t.storage = register_storage(rs.storage);
@@ -198,18 +207,22 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
       if (k.text == "conj") t.conj = true;
       if (k.text == "neg") t.neg = true;
     }
-    const std::string_view dn = t.dtype->name;
-    const bool floating = dn.starts_with("float") || dn == "bfloat16" || t.dtype->is_complex;
-    if (t.conj && !t.dtype->is_complex) t.conj = false;  // conj of a real tensor is a no-op
+    const std::string_view dn = t.dtype().name;
+    const bool floating = dn.starts_with("float") || dn == "bfloat16" || t.dtype().is_complex;
+    if (t.conj && !t.dtype().is_complex) t.conj = false;  // conj of a real tensor is a no-op
     if (t.neg && (!floating || dn.ends_with("fnuz"))) {
-      t.error = keep(
-          fmt::format("tensor has the 'neg' bit set on {}, which ckptfs cannot apply exactly", dn));
+      t.set_error(keep(fmt::format(
+          "tensor has the 'neg' bit set on {}, which ckptfs cannot apply exactly", dn)));
     }
   }
+  if (shape_error) {
+    t.set_error(keep(*shape_error));
+    return p;
+  }
   const StorageInfo& s = catalog_.storages_[t.storage];
-  if (auto err = TensorLayout::validate(t.shape, t.stride, t.storage_offset, t.dtype->itemsize,
+  if (auto err = TensorLayout::validate(t.shape(), t.stride(), t.storage_offset, t.dtype().itemsize,
                                         s.nbytes)) {
-    t.error = keep(*err);
+    t.set_error(keep(*err));
     return p;
   }
   t.nbytes = t.layout().nbytes();
@@ -222,18 +235,18 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
     // A bare storage (torch.save(storage)): expose it whole, as a 1-D tensor of its type.
     ResolvedStorage rs = resolve_(val.items[0]);
     ParsedTensor p;
-    p.info.dtype = rs.dtype;
-    p.info.wrapper = "storage";
+    p.info.set_dtype(*rs.dtype);
+    p.info.set_wrapper("storage");
     if (!rs.error.empty()) {
-      p.info.error = keep(rs.error);
+      p.info.set_error(keep(rs.error));
       return p;
     }
     p.info.storage = register_storage(rs.storage);
     std::uint64_t nbytes = rs.storage.nbytes;
     const std::array<std::int64_t, 2> numel_and_one = {
         static_cast<std::int64_t>(nbytes / rs.dtype->itemsize), 1};
-    p.info.shape = shared(std::span(numel_and_one.data(), 1));
-    p.info.stride = shared(std::span(numel_and_one.data() + 1, 1));
+    p.info.set_shape(shared(std::span(numel_and_one.data(), 1)),
+                     shared(std::span(numel_and_one.data() + 1, 1)));
     p.info.nbytes = p.info.layout().nbytes();
     return p;
   }
@@ -508,7 +521,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   auto describe = [&](const Pending& p, const std::string& json_path, const std::string& parts) {
     std::string what =
         json_path.substr(0, json_path.size() - 5);  // the key's path, without ".json"
-    std::string dtype = p.tensor ? fmt::format(" (torch.{})", p.tensor->info.dtype->name) : "";
+    std::string dtype = p.tensor ? fmt::format(" (torch.{})", p.tensor->info.dtype().name) : "";
     std::string why =
         parts.empty()
             ? fmt::format("{} '{}'{}: no raw file, see {}", p.special, what, dtype, json_path)
@@ -518,9 +531,9 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     append_json_string(out, p.special);
     if (p.tensor) {
       out += ", \"dtype\": ";
-      append_json_string(out, p.tensor->info.dtype->name);
+      append_json_string(out, p.tensor->info.dtype().name);
       out += ", \"shape\": ";
-      append_json_int_array(out, p.tensor->info.shape);
+      append_json_int_array(out, p.tensor->info.shape());
     }
     out += ", \"note\": ";
     append_json_string(out, why);
@@ -553,9 +566,9 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
         catalog_.children_of(dir).push_back(index);
         return index;
       };
-      if (!info.error.empty()) {
+      if (!info.error().empty()) {
         catalog_.warnings_.push_back(fmt::format(
-            "tensor '{}{}': {} (reads return EIO; see {}{})", dir_prefix, p.primary, info.error,
+            "tensor '{}{}': {} (reads return EIO; see {}{})", dir_prefix, p.primary, info.error(),
             dir_prefix,
             info.sidecar_apart ? std::string(sidecar) : fmt::format("{}.json", p.primary)));
       }
@@ -565,7 +578,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
       if (info.npy_apart)
         catalog_.apart_[2 * tensor_index + 1] = add_tensor_file(NodeKind::NpyView, npy);
       key.push_back(stable_key(k, catalog_.nodes_[info.data_node].stem()));
-      info.key = catalog_.arena_->add(std::span<const KeyPart>(key));
+      info.set_key(catalog_.arena_->add(std::span<const KeyPart>(key)));
       key.pop_back();
       catalog_.tensors_.push_back(info);
     } else if (p.what == Pending::Dir) {
@@ -750,7 +763,7 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
     name.text = parse_tensor(root, 0) ? "tensor" : "value";
     fill_entries(TensorCatalog::kRoot, {Child{name, root}}, key_path, 0);
     // The synthetic name is not part of the checkpoint's key path.
-    for (TensorInfo& t : catalog_.tensors_) t.key = {};
+    for (TensorInfo& t : catalog_.tensors_) t.set_key({});
   } else {
     fill_directory(TensorCatalog::kRoot, root, key_path, 0);
   }

@@ -161,7 +161,7 @@ CheckpointSet::CheckpointSet(const std::vector<std::string>& arguments)
     std::map<std::string, std::uint32_t> part_of;  // top-level key -> file index
     const auto& tensors = catalog_.tensors();
     for (std::uint32_t t = 0; t < tensors.size(); ++t) {
-      const auto& key = tensors[t].key;
+      const auto key = tensors[t].key();
       if (key.size() != 1) continue;
       std::string k = key[0].str();
       part_of.emplace(k, catalog_.tensor_parts().empty() ? 0 : catalog_.tensor_parts()[t]);

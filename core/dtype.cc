@@ -45,6 +45,17 @@ constexpr std::array kTable = {
 
 const DType kNoDType{"", 0, ""};
 
+std::uint8_t dtype_id(const DType& d) {
+  for (std::size_t i = 0; i < kTable.size(); ++i) {
+    if (&kTable[i].dtype == &d) return static_cast<std::uint8_t>(i + 1);
+  }
+  return 0;
+}
+
+const DType& dtype_from_id(std::uint8_t id) {
+  return id == 0 || id > kTable.size() ? kNoDType : kTable[id - 1].dtype;
+}
+
 const DType* dtype_by_name(std::string_view name) {
   if (name.starts_with("torch.")) name.remove_prefix(6);
   for (const auto& e : kTable) {

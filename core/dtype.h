@@ -17,6 +17,10 @@ struct DType {
 // What a tensor whose element type could not be determined reports (its reads fail anyway).
 extern const DType kNoDType;
 
+// A one-byte handle for compact records: 0 is kNoDType, others index the static table.
+std::uint8_t dtype_id(const DType& d);
+const DType& dtype_from_id(std::uint8_t id);
+
 // The lookups return entries of one static table (nullptr: unknown), so a tensor holds its
 // dtype as a pointer rather than a copy.
 

@@ -21,11 +21,11 @@ constexpr std::uint64_t kMaxHeader = 100'000'000;
 std::string dotted_key(const TensorCatalog& c, const TensorInfo& t) {
   std::size_t depth = 0;
   for (NodeIndex n = t.data_node; n != TensorCatalog::kRoot; n = c.node(n).parent) ++depth;
-  if (t.key.size() < depth) return c.path_of(t);  // the root object itself is the tensor
+  if (t.key().size() < depth) return c.path_of(t);  // the root object itself is the tensor
   std::string out;
-  for (std::size_t i = t.key.size() - depth; i < t.key.size(); ++i) {
+  for (std::size_t i = t.key().size() - depth; i < t.key().size(); ++i) {
     if (!out.empty()) out.push_back('.');
-    out += t.key[i].str();
+    out += t.key()[i].str();
   }
   return out;
 }
@@ -44,12 +44,12 @@ SafetensorsView::SafetensorsView(const TensorCatalog& catalog, const std::string
   for (std::uint32_t i : catalog.listed()) {
     const TensorInfo& t = catalog.tensors()[i];
     std::string key = dotted_key(catalog, t);
-    auto st = safetensors_dtype_of(t.dtype->name);
-    if (!t.error.empty()) {
-      skipped_.push_back(fmt::format("{}: {}", key, t.error));
+    auto st = safetensors_dtype_of(t.dtype().name);
+    if (!t.error().empty()) {
+      skipped_.push_back(fmt::format("{}: {}", key, t.error()));
     } else if (!st) {
       skipped_.push_back(
-          fmt::format("{}: safetensors has no dtype for torch.{}", key, t.dtype->name));
+          fmt::format("{}: safetensors has no dtype for torch.{}", key, t.dtype().name));
     } else if (key == "__metadata__" || !keys.insert(key).second) {
       skipped_.push_back(fmt::format("{}: another tensor already has this dotted key", key));
     } else {
@@ -66,7 +66,7 @@ SafetensorsView::SafetensorsView(const TensorCatalog& catalog, const std::string
   // the rest by element size, largest first (each aligned to its own element size).
   auto rank = [&](const Candidate& c) {
     const TensorInfo& t = catalog.tensors()[c.tensor];
-    return std::pair(t.nbytes % 8 != 0, 16 - t.dtype->itemsize);
+    return std::pair(t.nbytes % 8 != 0, 16 - t.dtype().itemsize);
   };
   std::stable_sort(chosen.begin(), chosen.end(),
                    [&](const Candidate& a, const Candidate& b) { return rank(a) < rank(b); });
@@ -95,7 +95,7 @@ SafetensorsView::SafetensorsView(const TensorCatalog& catalog, const std::string
     json += ": {\"dtype\": \"";
     json += c.dtype;
     json += "\", \"shape\": ";
-    append_json_int_array(json, t.shape);
+    append_json_int_array(json, t.shape());
     json += fmt::format(", \"data_offsets\": [{}, {}]}}", data, data + t.nbytes);
     entries_.push_back({c.tensor, data, data + t.nbytes});
     data += t.nbytes;

@@ -35,22 +35,24 @@ void TensorReader::gather(const TensorInfo& t, const TensorLayout& layout, std::
 }
 
 void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const {
-  if (!t.error.empty()) throw FormatError(std::string(t.error));
+  if (!t.error().empty()) throw FormatError(std::string(t.error()));
   if (offset > t.nbytes || dst.size() > t.nbytes - offset) {
     throw FormatError(fmt::format("read past the end of tensor '{}'", catalog_.path_of(t)));
   }
   const TensorLayout layout = t.layout();
-  const std::uint32_t unit = t.dtype->is_complex ? t.dtype->itemsize / 2 : t.dtype->itemsize;
+  const std::uint32_t itemsize = t.dtype().itemsize;
+  const bool complex = t.dtype().is_complex;
+  const std::uint32_t unit = complex ? itemsize / 2 : itemsize;
   const bool swap = catalog_.big_endian() && unit > 1;
   if (!swap && !t.conj && !t.neg) {
     gather(t, layout, offset, dst);
     return;
   }
   // Transform whole elements: widen the range to element boundaries, then copy the asked part.
-  const std::uint64_t first = offset - offset % t.dtype->itemsize;
+  const std::uint64_t first = offset - offset % itemsize;
   const std::uint64_t end = offset + dst.size();
-  const std::uint64_t last = std::min<std::uint64_t>(
-      t.nbytes, (end + t.dtype->itemsize - 1) / t.dtype->itemsize * t.dtype->itemsize);
+  const std::uint64_t last =
+      std::min<std::uint64_t>(t.nbytes, (end + itemsize - 1) / itemsize * itemsize);
   thread_local std::vector<std::byte> scratch;
   scratch.resize(static_cast<std::size_t>(last - first));
   gather(t, layout, first, scratch);
@@ -64,11 +66,11 @@ void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std
   // the real part (the value, for real types) and the imaginary part; conj negates the
   // imaginary part, so with both set it cancels there.
   const bool flip_real = t.neg;
-  const bool flip_imag = t.dtype->is_complex && t.neg != t.conj;
+  const bool flip_imag = complex && t.neg != t.conj;
   if (flip_real || flip_imag) {
-    for (std::size_t e = 0; e + t.dtype->itemsize <= scratch.size(); e += t.dtype->itemsize) {
+    for (std::size_t e = 0; e + itemsize <= scratch.size(); e += itemsize) {
       if (flip_real) scratch[e + unit - 1] ^= std::byte{0x80};
-      if (flip_imag) scratch[e + t.dtype->itemsize - 1] ^= std::byte{0x80};
+      if (flip_imag) scratch[e + itemsize - 1] ^= std::byte{0x80};
     }
   }
   std::memcpy(dst.data(), scratch.data() + (offset - first), dst.size());

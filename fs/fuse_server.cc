@@ -219,9 +219,9 @@ void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   }
   // A tensor that cannot be served fails loudly at open: never an empty or partial file.
   if ((n.kind == NodeKind::TensorData || n.kind == NodeKind::NpyView) &&
-      !s.catalog.tensors()[n.tensor()].error.empty()) {
+      !s.catalog.tensors()[n.tensor()].error().empty()) {
     log_error(s, fmt::format("open of '{}': {}", s.catalog.relative_path(i),
-                             s.catalog.tensors()[n.tensor()].error));
+                             s.catalog.tensors()[n.tensor()].error()));
     fuse_reply_err(req, EIO);
     return;
   }
@@ -265,8 +265,8 @@ std::span<std::byte> reply_buffer(std::size_t len) {
 // tensor's bytes. Full length except at end of file: a short read would look like EOF.
 void reply_tensor(MountState& s, fuse_req_t req, fuse_ino_t ino, const TensorInfo& t,
                   std::string_view header, size_t size, off_t off) {
-  if (!t.error.empty()) {
-    log_error(s, fmt::format("read of '{}': {}", s.catalog.path_of(t), t.error));
+  if (!t.error().empty()) {
+    log_error(s, fmt::format("read of '{}': {}", s.catalog.path_of(t), t.error()));
     fuse_reply_err(req, EIO);
     return;
   }
@@ -356,12 +356,12 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
 std::vector<std::pair<std::string, std::string>> tensor_xattrs(const TensorCatalog& c,
                                                                const TensorInfo& t) {
   std::string shape;
-  append_json_int_array(shape, t.shape);
+  append_json_int_array(shape, t.shape());
   std::string key;
-  append_json_key(key, t.key);
+  append_json_key(key, t.key());
   std::vector<std::pair<std::string, std::string>> out = {
-      {"user.ckptfs.dtype", std::string(t.dtype->name)},
-      {"user.ckptfs.numpy_dtype", std::string(t.dtype->numpy_dtype)},
+      {"user.ckptfs.dtype", std::string(t.dtype().name)},
+      {"user.ckptfs.numpy_dtype", std::string(t.dtype().numpy_dtype)},
       {"user.ckptfs.shape", shape},
       {"user.ckptfs.nbytes", fmt::format("{}", t.nbytes)},
       {"user.ckptfs.key", key},
@@ -370,7 +370,7 @@ std::vector<std::pair<std::string, std::string>> tensor_xattrs(const TensorCatal
     out.emplace_back("user.ckptfs.storage", c.storages()[t.storage].key);
     out.emplace_back("user.ckptfs.record", c.storages()[t.storage].record);
   }
-  if (!t.error.empty()) out.emplace_back("user.ckptfs.error", t.error);
+  if (!t.error().empty()) out.emplace_back("user.ckptfs.error", t.error());
   return out;
 }
 

@@ -88,7 +88,7 @@ int run_inspect_command(int argc, char** argv) {
     std::map<std::string, std::pair<std::uint64_t, std::uint64_t>> per_dtype;  // count, bytes
     for (const auto& t : tensors) {
       total += t.nbytes;
-      auto& d = per_dtype[std::string(t.dtype->name)];
+      auto& d = per_dtype[std::string(t.dtype().name)];
       ++d.first;
       d.second += t.nbytes;
     }
@@ -144,8 +144,8 @@ int run_inspect_command(int argc, char** argv) {
   for (std::size_t k = 0; k < selected.size(); ++k) {
     const std::uint32_t i = selected[k];
     wpath = std::max(wpath, paths[k].size());
-    wdtype = std::max(wdtype, tensors[i].dtype->name.size());
-    wshape = std::max(wshape, shape_text(tensors[i].shape).size());
+    wdtype = std::max(wdtype, tensors[i].dtype().name.size());
+    wshape = std::max(wshape, shape_text(tensors[i].shape()).size());
   }
   std::string out;
   out += fmt::format("{:<{}}  {:<{}}  {:<{}}  {:>10}\n", "path", wpath, "dtype", wdtype, "shape",
@@ -154,9 +154,9 @@ int run_inspect_command(int argc, char** argv) {
   for (std::size_t k = 0; k < selected.size(); ++k) {
     const TensorInfo& t = tensors[selected[k]];
     total += t.nbytes;
-    out += fmt::format("{:<{}}  {:<{}}  {:<{}}  {:>10}{}\n", paths[k], wpath, t.dtype->name, wdtype,
-                       shape_text(t.shape), wshape, human(t.nbytes),
-                       t.error.empty() ? "" : fmt::format("  (unreadable: {})", t.error));
+    out += fmt::format("{:<{}}  {:<{}}  {:<{}}  {:>10}{}\n", paths[k], wpath, t.dtype().name,
+                       wdtype, shape_text(t.shape()), wshape, human(t.nbytes),
+                       t.error().empty() ? "" : fmt::format("  (unreadable: {})", t.error()));
   }
   out += fmt::format("{} tensors, {} ({} bytes)\n", selected.size(), human(total), total);
   std::fputs(out.c_str(), stdout);

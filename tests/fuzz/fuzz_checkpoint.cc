@@ -31,7 +31,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     for (const TensorInfo& t : catalog.tensors()) {
       (void)catalog.sidecar_json(t);
       (void)TensorCatalog::npy_header(t);
-      if (!t.error.empty() || t.nbytes == 0 || t.nbytes > (1u << 20)) continue;
+      if (!t.error().empty() || t.nbytes == 0 || t.nbytes > (1u << 20)) continue;
       buffer.resize(t.nbytes);
       try {
         reader.read(t, 0, buffer);

@@ -204,6 +204,10 @@ class ErrorsTest(unittest.TestCase):
             # torch.load refuses this one too ("Trying to resize storage that is not resizable").
             "storage declared smaller than the view": (crafted_tensor_pickle((4, 5), (5, 1), numel=7), ""),
             "stride past the storage": (crafted_tensor_pickle((2, 2), (1 << 60, 1)), ""),
+            "shape and stride of different lengths": (crafted_tensor_pickle((4, 5), (1,)),
+                                                      "shape has 2 dims but stride has 1"),
+            "more dimensions than ckptfs serves": (crafted_tensor_pickle((1,) * 70000, (1,) * 70000),
+                                                   "70000 dimensions; ckptfs serves at most 65535"),
         }
         for what, (payload, contains) in cases.items():
             with self.subTest(what):
@@ -218,6 +222,16 @@ class ErrorsTest(unittest.TestCase):
                         err = json.load(f)["error"]
                     self.assertIn(contains, err)
                     self.assertIsNone(m.proc.poll())
+
+    def test_hundreds_of_dimensions_are_served(self):
+        path = self.path("dims.pt")
+        t = torch.arange(6.0).reshape([1] * 298 + [2, 3])
+        torch.save({"w": t}, path)
+        with Mount(path) as m:
+            with open(m.file("w"), "rb") as f:
+                self.assertEqual(f.read(), torch_bytes(t))
+            with open(m.file("w.json")) as f:
+                self.assertEqual(json.load(f)["shape"], list(t.shape))
 
     def test_storage_declared_larger_than_its_record_serves_what_torch_loads(self):
         bad = self.path("numel.pt")
