@@ -14,10 +14,10 @@ void append_json_key(std::string& out, std::span<const KeyPart> key) {
   out.push_back('[');
   for (std::size_t i = 0; i < key.size(); ++i) {
     if (i) out += ", ";
-    if (key[i].is_number) {
-      out += fmt::format("{}", key[i].number);
+    if (key[i].is_number()) {
+      out += fmt::format("{}", key[i].number());
     } else {
-      append_json_string(out, key[i].text);
+      append_json_string(out, key[i].text());
     }
   }
   out.push_back(']');
@@ -167,11 +167,11 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
   if (t.storage != kNoStorage) {
     const StorageInfo& s = storages_[t.storage];
     out += ",\n    \"storage\": ";
-    append_json_string(out, s.key);
+    append_json_string(out, s.key());
     out += ",\n    \"record\": ";
-    append_json_string(out, s.record);
+    append_json_string(out, s.record());
     out += ",\n    \"location\": ";
-    append_json_string(out, s.location);
+    append_json_string(out, s.location());
     out +=
         fmt::format(",\n    \"file_offset\": {},\n    \"storage_nbytes\": {}", s.offset, s.nbytes);
   }

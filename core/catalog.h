@@ -30,27 +30,67 @@ inline constexpr NodeIndex kNoNode = std::numeric_limits<NodeIndex>::max();
 inline constexpr std::uint32_t kNoStorage = std::numeric_limits<std::uint32_t>::max();
 
 // One step of a tensor's key path from the root object: a dict key or attribute name, or an
-// int dict key / list index. In a catalog, |text| points into its arena.
-struct KeyPart {
-  bool is_number = false;
-  std::int64_t number = 0;
-  std::string_view text;
+// int dict key / list index. In a catalog, the text points into its arena. 16 bytes: every
+// tensor's key path holds one per level.
+class KeyPart {
+ public:
+  KeyPart() = default;
+  static KeyPart of_number(std::int64_t n) {
+    KeyPart k;
+    k.is_number_ = true;
+    k.number_ = n;
+    return k;
+  }
+  // |text| is viewed, not copied, and must be under 4 GiB (CatalogBuilder::key_part checks).
+  static KeyPart of_text(std::string_view text) {
+    KeyPart k;
+    k.text_ = text.data();
+    k.size_ = static_cast<std::uint32_t>(text.size());
+    return k;
+  }
 
+  bool is_number() const { return is_number_; }
+  std::int64_t number() const { return is_number_ ? number_ : 0; }
+  std::string_view text() const {
+    return is_number_ ? std::string_view() : std::string_view(text_, size_);
+  }
   // As Python would print the key: the number in decimal, or the text.
-  std::string str() const { return is_number ? std::to_string(number) : std::string(text); }
+  std::string str() const { return is_number_ ? std::to_string(number_) : std::string(text()); }
+
+ private:
+  union {
+    std::int64_t number_;
+    const char* text_ = "";
+  };
+  std::uint32_t size_ = 0;
+  bool is_number_ = false;
 };
+static_assert(sizeof(KeyPart) == 16);
 
 // |key| as a JSON array: numbers as numbers, texts as strings (sidecars, index.json, xattrs).
 void append_json_key(std::string& out, std::span<const KeyPart> key);
 
-// A contiguous run of checkpoint bytes holding one storage. The strings are in the arena.
-struct StorageInfo {
-  std::string_view key;       // the persistent-id key, e.g. "0"
-  std::string_view record;    // e.g. "archive/data/0"
-  std::string_view location;  // e.g. "cpu", "cuda:0" (metadata only)
-  std::uint64_t offset = 0;   // absolute offset in the checkpoint
+// A contiguous run of checkpoint bytes holding one storage, in 40 bytes. Its texts are
+// NUL-terminated, in the arena (the key usually the record's tail) or literals.
+class StorageInfo {
+  const char* key_ = "";
+  const char* record_ = "";
+  const char* location_ = "";
+
+ public:
+  std::string_view key() const { return key_; }            // the persistent-id key, e.g. "0"
+  std::string_view record() const { return record_; }      // e.g. "archive/data/0"
+  std::string_view location() const { return location_; }  // "cpu", "cuda:0" (metadata only)
+  void set_texts(std::string_view key, std::string_view record, std::string_view location) {
+    key_ = key.data();
+    record_ = record.data();
+    location_ = location.data();
+  }
+
+  std::uint64_t offset = 0;  // absolute offset in the checkpoint
   std::uint64_t nbytes = 0;
 };
+static_assert(sizeof(StorageInfo) == 40);
 
 // One tensor file, in 72 bytes: a checkpoint of many small tensors has one per tensor. The
 // arrays and texts are in the catalog's arena (shapes, strides and wrapper names shared between

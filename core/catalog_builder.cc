@@ -84,9 +84,8 @@ void CatalogBuilder::check_node_limit() const {
 }
 
 KeyPart CatalogBuilder::stable_key(const KeyPart& k, std::string_view name) {
-  KeyPart out = k;
-  if (!k.is_number) out.text = k.text == name ? name : keep(k.text);
-  return out;
+  if (k.is_number()) return k;
+  return KeyPart::of_text(k.text() == name ? name : keep(k.text()));
 }
 
 bool CatalogBuilder::is_container(ValueId v) const {
@@ -260,16 +259,16 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
 std::uint32_t CatalogBuilder::register_storage(const StorageSpec& s) {
   if (auto it = storage_index_.find(s.key); it != storage_index_.end()) return it->second;
   StorageInfo info;
-  info.record = keep(s.record);
+  const std::string_view record = keep(s.record);
   // Zip records end with their key ("archive/data/7"): one copy serves both.
-  info.key = info.record.ends_with(s.key) ? info.record.substr(info.record.size() - s.key.size())
-                                          : keep(s.key);
-  info.location = shared(s.location);
+  const std::string_view key =
+      record.ends_with(s.key) ? record.substr(record.size() - s.key.size()) : keep(s.key);
+  info.set_texts(key, record, shared(s.location));
   info.offset = s.offset;
   info.nbytes = s.nbytes;
   const auto index = static_cast<std::uint32_t>(catalog_.storages_.size());
   catalog_.storages_.push_back(info);
-  storage_index_.emplace(info.key, index);
+  storage_index_.emplace(key, index);
   return index;
 }
 
@@ -301,27 +300,20 @@ bool CatalogBuilder::contains_tensor(ValueId v, int depth) {
 // the arena.
 KeyPart CatalogBuilder::key_part(ValueId key) {
   const Value& k = arena_[key];
-  KeyPart p;
   switch (k.kind) {
     case ValueKind::Str:
-      p.text = k.text;
-      break;
-    case ValueKind::Int:
-      p.is_number = true;
-      p.number = k.integer;
-      break;
-    case ValueKind::Bool:
-      p.text = k.boolean ? "True" : "False";
-      break;
-    case ValueKind::None:
-      p.text = "None";
-      break;
     case ValueKind::BigInt:
-      p.text = k.text;
-      break;
+      if (k.text.size() > std::numeric_limits<std::uint32_t>::max())
+        throw FormatError("a dict key or attribute name is longer than 4 GiB");
+      return KeyPart::of_text(k.text);
+    case ValueKind::Int:
+      return KeyPart::of_number(k.integer);
+    case ValueKind::Bool:
+      return KeyPart::of_text(k.boolean ? "True" : "False");
+    case ValueKind::None:
+      return KeyPart::of_text("None");
     case ValueKind::Float:
-      p.text = keep(fmt::format("{}", k.real));
-      break;
+      return KeyPart::of_text(keep(fmt::format("{}", k.real)));
     case ValueKind::Tuple: {
       std::string text = "(";
       for (std::size_t i = 0; i < k.items.size(); ++i) {
@@ -330,29 +322,18 @@ KeyPart CatalogBuilder::key_part(ValueId key) {
         text += sub.str();
       }
       text += k.items.size() == 1 ? ",)" : ")";
-      p.text = keep(text);
-      break;
+      return KeyPart::of_text(keep(text));
     }
     default:
-      p.text = keep(fmt::format("<{}>", static_cast<int>(k.kind)));
+      return KeyPart::of_text(keep(fmt::format("<{}>", static_cast<int>(k.kind))));
   }
-  return p;
 }
 
 std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) {
   const Value& val = arena_[v];
   std::vector<Child> out;
-  auto number = [](std::size_t i) {
-    KeyPart p;
-    p.is_number = true;
-    p.number = static_cast<std::int64_t>(i);
-    return p;
-  };
-  auto named = [](std::string_view s) {
-    KeyPart p;
-    p.text = s;
-    return p;
-  };
+  auto number = [](std::size_t i) { return KeyPart::of_number(static_cast<std::int64_t>(i)); };
+  auto named = [](std::string_view s) { return KeyPart::of_text(s); };
   auto add_dict = [&](ValueId d) {
     const auto& kv = arena_[d].items;
     for (std::size_t i = 0; i + 1 < kv.size(); i += 2) out.push_back({key_part(kv[i]), kv[i + 1]});
@@ -415,12 +396,12 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
     for (std::size_t i = 0; i < kids.size(); ++i) {
       const KeyPart& k = kids[i].key;
       bool fresh = false;
-      if (k.is_number) {
-        auto [it, added] = seen_number.emplace(k.number, i);
+      if (k.is_number()) {
+        auto [it, added] = seen_number.emplace(k.number(), i);
         first_of[i] = it->second;
         fresh = added;
       } else {
-        auto [it, added] = seen_text.emplace(k.text, i);
+        auto [it, added] = seen_text.emplace(k.text(), i);
         first_of[i] = it->second;
         fresh = added;
       }
@@ -545,8 +526,8 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   for (Pending& p : entries) {
     if (p.what != Pending::Json) {
       const KeyPart& k = p.child->key;
-      p.primary =
-          claim(k.is_number ? escape_name(fmt::format("{}", k.number)) : escape_name(k.text), "");
+      p.primary = claim(
+          k.is_number() ? escape_name(fmt::format("{}", k.number())) : escape_name(k.text()), "");
     }
   }
   std::string dir_prefix = catalog_.relative_path(dir);
@@ -595,8 +576,9 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
         catalog_.texts_[catalog_.nodes_[n].ref] = describe(p, catalog_.relative_path(n), parts);
       }
     } else {
-      std::string_view name = claim(
-          k.is_number ? escape_name(fmt::format("{}", k.number)) : escape_name(k.text), ".json");
+      std::string_view name =
+          claim(k.is_number() ? escape_name(fmt::format("{}", k.number())) : escape_name(k.text()),
+                ".json");
       NodeIndex n = add_json(name, "");
       catalog_.texts_[catalog_.nodes_[n].ref] = p.special.empty()
                                                     ? render_json(p.child->value)
@@ -759,8 +741,7 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   std::vector<KeyPart> key_path;
   if (!is_container(root) && !(arena_[root].kind == ValueKind::Object && contains_tensor(root, 0) &&
                                !parse_tensor(root, 0))) {
-    KeyPart name;
-    name.text = parse_tensor(root, 0) ? "tensor" : "value";
+    const KeyPart name = KeyPart::of_text(parse_tensor(root, 0) ? "tensor" : "value");
     fill_entries(TensorCatalog::kRoot, {Child{name, root}}, key_path, 0);
     // The synthetic name is not part of the checkpoint's key path.
     for (TensorInfo& t : catalog_.tensors_) t.set_key({});

@@ -367,8 +367,8 @@ std::vector<std::pair<std::string, std::string>> tensor_xattrs(const TensorCatal
       {"user.ckptfs.key", key},
   };
   if (t.storage != kNoStorage) {
-    out.emplace_back("user.ckptfs.storage", c.storages()[t.storage].key);
-    out.emplace_back("user.ckptfs.record", c.storages()[t.storage].record);
+    out.emplace_back("user.ckptfs.storage", c.storages()[t.storage].key());
+    out.emplace_back("user.ckptfs.record", c.storages()[t.storage].record());
   }
   if (!t.error().empty()) out.emplace_back("user.ckptfs.error", t.error());
   return out;
