@@ -143,7 +143,7 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
   append_json_string(out, t.dtype().numpy_dtype);
   out += ",\n  \"shape\": ";
   append_json_int_array(out, t.shape());
-  out += fmt::format(",\n  \"nbytes\": {}", t.nbytes);
+  out += fmt::format(",\n  \"nbytes\": {}", t.nbytes());
   out += fmt::format(",\n  \"requires_grad\": {}", t.requires_grad ? "true" : "false");
   if (!t.wrapper().empty()) {
     out += ",\n  \"wrapper\": ";
@@ -212,6 +212,13 @@ std::string TensorCatalog::npy_header(const TensorInfo& t) {
   return out + dict;
 }
 
+std::vector<std::uint32_t> TensorCatalog::listed() const {
+  if (rerooted_) return listed_;
+  std::vector<std::uint32_t> all(tensors_.size());
+  for (std::uint32_t i = 0; i < all.size(); ++i) all[i] = i;
+  return all;
+}
+
 std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset) const {
   std::string out = "{\n\"format\": ";
   append_json_string(out, format_);
@@ -232,7 +239,7 @@ std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset
     append_json_string(out, t.dtype().name);
     out += ", \"shape\": ";
     append_json_int_array(out, t.shape());
-    out += fmt::format(", \"nbytes\": {}", t.nbytes);
+    out += fmt::format(", \"nbytes\": {}", t.nbytes());
     if (!t.error().empty()) {
       out += ", \"error\": ";
       append_json_string(out, t.error());
@@ -244,7 +251,7 @@ std::string TensorCatalog::render_index(const std::vector<std::uint32_t>& subset
 }
 
 const std::string& TensorCatalog::index_json() const {
-  std::call_once(*index_once_, [this] { index_json_ = render_index(listed_); });
+  std::call_once(*index_once_, [this] { index_json_ = render_index(listed()); });
   return index_json_;
 }
 
@@ -296,6 +303,7 @@ void TensorCatalog::reroot(const std::string& path) {
       }
     }
   }
+  rerooted_ = true;
   listed_.clear();
   for (std::uint32_t i = 0; i < tensors_.size(); ++i) {
     if (reachable[i]) listed_.push_back(i);
@@ -321,8 +329,6 @@ void TensorCatalog::finish() {
             meta);
   arena_->stop_interning();
   sidecar_sizes_ = std::vector<std::atomic<std::uint32_t>>(tensors_.size());
-  listed_.resize(tensors_.size());
-  for (std::uint32_t i = 0; i < listed_.size(); ++i) listed_[i] = i;
   derived_base_ = static_cast<NodeIndex>(nodes_.size());
 }
 

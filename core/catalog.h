@@ -92,7 +92,7 @@ class StorageInfo {
 };
 static_assert(sizeof(StorageInfo) == 40);
 
-// One tensor file, in 72 bytes: a checkpoint of many small tensors has one per tensor. The
+// One tensor file, in 64 bytes: a checkpoint of many small tensors has one per tensor. The
 // arrays and texts are in the catalog's arena (shapes, strides and wrapper names shared between
 // tensors that have equal ones); the accessors give them as spans and views.
 class TensorInfo {
@@ -144,8 +144,17 @@ class TensorInfo {
     return TensorLayout(shape(), stride(), storage_offset, dtype().itemsize);
   }
 
+  // The raw file's size: the logical shape's bytes (0 when that overflows, or with no dtype).
+  // Computed, not stored: a few multiplications per call, 8 bytes less per tensor.
+  std::uint64_t nbytes() const {
+    std::uint64_t n = dtype().itemsize;
+    for (const std::int64_t d : shape()) {
+      if (d < 0 || __builtin_mul_overflow(n, static_cast<std::uint64_t>(d), &n)) return 0;
+    }
+    return n;
+  }
+
   std::int64_t storage_offset = 0;  // in elements
-  std::uint64_t nbytes = 0;
   // Its raw file. Its .json sidecar and .npy view have no nodes of their own unless a name
   // clash renamed them (|sidecar_apart|, |npy_apart|): TensorCatalog::sidecar_node/npy_node.
   // Paths come from the tree when needed (TensorCatalog::relative_path), not strings per tensor.
@@ -166,7 +175,7 @@ class TensorInfo {
   std::uint16_t ndim_ = 0;
   std::uint8_t dtype_id_ = 0;
 };
-static_assert(sizeof(TensorInfo) == 72);
+static_assert(sizeof(TensorInfo) == 64);
 
 enum class NodeKind : std::uint8_t {
   Directory,
@@ -270,7 +279,8 @@ class TensorCatalog {
   // is not a directory of the tree.
   void reroot(const std::string& path);
   // Tensors reachable from the root (all, unless rerooted), in checkpoint order.
-  const std::vector<std::uint32_t>& listed() const { return listed_; }
+  // (A copy: unless rerooted, that is every tensor, and no table is kept for it.)
+  std::vector<std::uint32_t> listed() const;
 
   // The same JSON for a subset of tensors (indices into tensors()).
   std::string render_index(const std::vector<std::uint32_t>& subset) const;
@@ -323,7 +333,8 @@ class TensorCatalog {
   std::vector<std::string> warnings_;
   std::vector<NoRawForm> no_raw_form_;
   std::vector<std::string> provenance_;
-  std::vector<std::uint32_t> listed_;
+  bool rerooted_ = false;
+  std::vector<std::uint32_t> listed_;  // only when rerooted_
   std::vector<std::uint32_t> tensor_parts_;
   // Sidecar sizes, computed on first stat: stat of every file in a directory of many tensors
   // must not render every sidecar each time. 0 = not yet known.

@@ -28,14 +28,6 @@ bool is_tensor_function(const std::string& name) {
 
 // The size stat reports, even for a tensor that turns out to be unservable (whose open then
 // fails with EIO): 0 only when the shape itself is nonsense.
-std::uint64_t logical_nbytes(std::span<const std::int64_t> shape, std::uint32_t itemsize) {
-  std::uint64_t n = itemsize;
-  for (auto d : shape) {
-    if (d < 0 || __builtin_mul_overflow(n, static_cast<std::uint64_t>(d), &n)) return 0;
-  }
-  return n;
-}
-
 // ('storage', type, key, location, numel[, view]) — the only persistent ids that are data.
 // Legacy whole-module pickles also persist classes as ('module', cls, file, source).
 bool is_storage_pid(const ValueArena& a, ValueId ref) {
@@ -188,7 +180,6 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
     }
     t.set_dtype(*dt);
   }
-  t.nbytes = logical_nbytes(t.shape(), t.dtype().itemsize);
   if (!rs.error.empty()) {
     t.set_error(keep(rs.error));
     return p;
@@ -224,7 +215,6 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const 
     t.set_error(keep(*err));
     return p;
   }
-  t.nbytes = t.layout().nbytes();
   return p;
 }
 
@@ -246,7 +236,6 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
         static_cast<std::int64_t>(nbytes / rs.dtype->itemsize), 1};
     p.info.set_shape(shared(std::span(numel_and_one.data(), 1)),
                      shared(std::span(numel_and_one.data() + 1, 1)));
-    p.info.nbytes = p.info.layout().nbytes();
     return p;
   }
   if (val.kind != ValueKind::Object || arena_[val.cls].kind != ValueKind::Global)

@@ -66,7 +66,7 @@ SafetensorsView::SafetensorsView(const TensorCatalog& catalog, const std::string
   // the rest by element size, largest first (each aligned to its own element size).
   auto rank = [&](const Candidate& c) {
     const TensorInfo& t = catalog.tensors()[c.tensor];
-    return std::pair(t.nbytes % 8 != 0, 16 - t.dtype().itemsize);
+    return std::pair(t.nbytes() % 8 != 0, 16 - t.dtype().itemsize);
   };
   std::stable_sort(chosen.begin(), chosen.end(),
                    [&](const Candidate& a, const Candidate& b) { return rank(a) < rank(b); });
@@ -96,9 +96,9 @@ SafetensorsView::SafetensorsView(const TensorCatalog& catalog, const std::string
     json += c.dtype;
     json += "\", \"shape\": ";
     append_json_int_array(json, t.shape());
-    json += fmt::format(", \"data_offsets\": [{}, {}]}}", data, data + t.nbytes);
-    entries_.push_back({c.tensor, data, data + t.nbytes});
-    data += t.nbytes;
+    json += fmt::format(", \"data_offsets\": [{}, {}]}}", data, data + t.nbytes());
+    entries_.push_back({c.tensor, data, data + t.nbytes()});
+    data += t.nbytes();
   }
   json += "}";
   json.append((8 - json.size() % 8) % 8, ' ');

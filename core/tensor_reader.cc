@@ -36,7 +36,7 @@ void TensorReader::gather(const TensorInfo& t, const TensorLayout& layout, std::
 
 void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const {
   if (!t.error().empty()) throw FormatError(std::string(t.error()));
-  if (offset > t.nbytes || dst.size() > t.nbytes - offset) {
+  if (offset > t.nbytes() || dst.size() > t.nbytes() - offset) {
     throw FormatError(fmt::format("read past the end of tensor '{}'", catalog_.path_of(t)));
   }
   const TensorLayout layout = t.layout();
@@ -52,7 +52,7 @@ void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std
   const std::uint64_t first = offset - offset % itemsize;
   const std::uint64_t end = offset + dst.size();
   const std::uint64_t last =
-      std::min<std::uint64_t>(t.nbytes, (end + itemsize - 1) / itemsize * itemsize);
+      std::min<std::uint64_t>(t.nbytes(), (end + itemsize - 1) / itemsize * itemsize);
   thread_local std::vector<std::byte> scratch;
   scratch.resize(static_cast<std::size_t>(last - first));
   gather(t, layout, first, scratch);

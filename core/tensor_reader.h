@@ -16,7 +16,7 @@ class TensorReader {
       : catalog_(catalog), cache_(cache) {}
 
   // Fills |dst| with bytes [offset, offset + dst.size()) of |t|'s file, which must lie within
-  // t.nbytes. Throws FormatError for a tensor with an error, IoError if the source fails.
+  // t.nbytes(). Throws FormatError for a tensor with an error, IoError if the source fails.
   void read(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const;
 
  private:

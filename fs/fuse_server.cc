@@ -57,8 +57,8 @@ struct stat make_stat(const MountState& s, NodeIndex i) {
       const TensorInfo& t = s.catalog.tensors()[n.tensor()];
       st.st_mode = S_IFREG | 0444;
       st.st_nlink = 1;
-      st.st_size = static_cast<off_t>(t.nbytes);
-      st.st_blocks = static_cast<blkcnt_t>((t.nbytes + 511) / 512);  // du counts tensor bytes
+      st.st_size = static_cast<off_t>(t.nbytes());
+      st.st_blocks = static_cast<blkcnt_t>((t.nbytes() + 511) / 512);  // du counts tensor bytes
       break;
     }
     case NodeKind::NpyView: {
@@ -67,7 +67,7 @@ struct stat make_stat(const MountState& s, NodeIndex i) {
       const TensorInfo& t = s.catalog.tensors()[n.tensor()];
       st.st_mode = S_IFREG | 0444;
       st.st_nlink = 1;
-      st.st_size = static_cast<off_t>(TensorCatalog::npy_header(t).size() + t.nbytes);
+      st.st_size = static_cast<off_t>(TensorCatalog::npy_header(t).size() + t.nbytes());
       break;
     }
     case NodeKind::StatsFile:
@@ -270,7 +270,7 @@ void reply_tensor(MountState& s, fuse_req_t req, fuse_ino_t ino, const TensorInf
     fuse_reply_err(req, EIO);
     return;
   }
-  const std::uint64_t total = header.size() + t.nbytes;
+  const std::uint64_t total = header.size() + t.nbytes();
   auto start = static_cast<std::uint64_t>(off);
   if (start >= total) {
     fuse_reply_buf(req, nullptr, 0);
@@ -363,7 +363,7 @@ std::vector<std::pair<std::string, std::string>> tensor_xattrs(const TensorCatal
       {"user.ckptfs.dtype", std::string(t.dtype().name)},
       {"user.ckptfs.numpy_dtype", std::string(t.dtype().numpy_dtype)},
       {"user.ckptfs.shape", shape},
-      {"user.ckptfs.nbytes", fmt::format("{}", t.nbytes)},
+      {"user.ckptfs.nbytes", fmt::format("{}", t.nbytes())},
       {"user.ckptfs.key", key},
   };
   if (t.storage != kNoStorage) {
@@ -444,7 +444,7 @@ void op_statfs(fuse_req_t req, fuse_ino_t) {
   MountState& s = state_of(req);
   struct statvfs sv {};
   std::uint64_t bytes = 0;
-  for (const auto& t : s.catalog.tensors()) bytes += t.nbytes;
+  for (const auto& t : s.catalog.tensors()) bytes += t.nbytes();
   sv.f_bsize = 4096;
   sv.f_frsize = 4096;
   sv.f_blocks = (bytes + 4095) / 4096;

@@ -87,10 +87,10 @@ int run_inspect_command(int argc, char** argv) {
     std::uint64_t total = 0;
     std::map<std::string, std::pair<std::uint64_t, std::uint64_t>> per_dtype;  // count, bytes
     for (const auto& t : tensors) {
-      total += t.nbytes;
+      total += t.nbytes();
       auto& d = per_dtype[std::string(t.dtype().name)];
       ++d.first;
-      d.second += t.nbytes;
+      d.second += t.nbytes();
     }
     const std::uint64_t file_bytes = set->file_bytes();
     const std::string files =
@@ -153,9 +153,9 @@ int run_inspect_command(int argc, char** argv) {
   std::uint64_t total = 0;
   for (std::size_t k = 0; k < selected.size(); ++k) {
     const TensorInfo& t = tensors[selected[k]];
-    total += t.nbytes;
+    total += t.nbytes();
     out += fmt::format("{:<{}}  {:<{}}  {:<{}}  {:>10}{}\n", paths[k], wpath, t.dtype().name,
-                       wdtype, shape_text(t.shape()), wshape, human(t.nbytes),
+                       wdtype, shape_text(t.shape()), wshape, human(t.nbytes()),
                        t.error().empty() ? "" : fmt::format("  (unreadable: {})", t.error()));
   }
   out += fmt::format("{} tensors, {} ({} bytes)\n", selected.size(), human(total), total);

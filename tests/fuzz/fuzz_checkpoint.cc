@@ -31,12 +31,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     for (const TensorInfo& t : catalog.tensors()) {
       (void)catalog.sidecar_json(t);
       (void)TensorCatalog::npy_header(t);
-      if (!t.error().empty() || t.nbytes == 0 || t.nbytes > (1u << 20)) continue;
-      buffer.resize(t.nbytes);
+      if (!t.error().empty() || t.nbytes() == 0 || t.nbytes() > (1u << 20)) continue;
+      buffer.resize(t.nbytes());
       try {
         reader.read(t, 0, buffer);
         // An unaligned window too, as the kernel asks for pieces of a file.
-        if (t.nbytes > 3) reader.read(t, 1, std::span(buffer).first(t.nbytes - 2));
+        if (t.nbytes() > 3) reader.read(t, 1, std::span(buffer).first(t.nbytes() - 2));
       } catch (const CkptError&) {
       }
     }
