@@ -80,7 +80,7 @@ std::string TensorCatalog::relative_path(NodeIndex i) const {
   std::size_t size = suffix.size();
   for (NodeIndex n = i < derived_base_ ? i : tensors_[(i - derived_base_) / 2].data_node;
        n != kRoot && n != kNoNode; n = nodes_[n].parent)
-    size += nodes_[n].stem_size + 1;
+    size += nodes_[n].stem().size() + 1;
   if (size == 0) return {};
   // Filled from the end: the walk goes from the file up to the root.
   std::string out(size - 1, '/');
@@ -89,8 +89,9 @@ std::string TensorCatalog::relative_path(NodeIndex i) const {
   for (NodeIndex n = i < derived_base_ ? i : tensors_[(i - derived_base_) / 2].data_node;
        n != kRoot && n != kNoNode; n = nodes_[n].parent) {
     const Node& node = nodes_[n];
-    end -= node.stem_size;
-    std::memcpy(out.data() + end, node.stem_data, node.stem_size);
+    const std::string_view stem = node.stem();
+    end -= stem.size();
+    std::memcpy(out.data() + end, stem.data(), stem.size());
     if (end > 0) --end;
   }
   return out;
@@ -99,8 +100,9 @@ std::string TensorCatalog::relative_path(NodeIndex i) const {
 NodeIndex TensorCatalog::add_node(NodeKind kind, NodeIndex parent, std::string_view name,
                                   std::uint32_t ref) {
   Node n;
+  if (ref > Node::kMaxRef)
+    throw FormatError(fmt::format("more than {} tensors or directories", Node::kMaxRef));
   n.stem_data = name.data();
-  n.stem_size = static_cast<std::uint32_t>(name.size());
   n.parent = parent;
   n.ref = ref;
   n.kind = kind;

@@ -194,21 +194,25 @@ constexpr std::string_view suffix_text(NameSuffix s) {
   return s == NameSuffix::Json ? ".json" : s == NameSuffix::Npy ? ".npy" : "";
 }
 
-// 24 bytes: a checkpoint of many small tensors has one of these per tensor (the raw file).
+// 16 bytes: a checkpoint of many small tensors has one of these per tensor (the raw file).
 // A tensor's sidecar and .npy view are derived: TensorCatalog::node() makes their Node on
 // demand, with the raw file's name as |stem| and a |suffix|.
 struct Node {
-  const char* stem_data = "";  // in the arena, NUL-terminated
-  std::uint32_t stem_size = 0;
+  // Below 2^27, so that the kind and suffix share the word (TensorCatalog checks).
+  static constexpr std::uint32_t kMaxRef = (1u << 27) - 1;
+
+  // In the arena or a literal, NUL-terminated (names never hold a NUL: it is escaped as %00),
+  // so no size is stored.
+  const char* stem_data = "";
   NodeIndex parent = kNoNode;
   // TensorData, TensorSidecar, NpyView: the tensor's index. Directory: its slot in the
   // children table; JsonValue: its slot in the texts table (TensorCatalog::children / text).
-  std::uint32_t ref = 0;
-  NodeKind kind = NodeKind::Directory;
-  NameSuffix suffix = NameSuffix::None;
+  std::uint32_t ref : 27 = 0;
+  NodeKind kind : 3 = NodeKind::Directory;
+  NameSuffix suffix : 2 = NameSuffix::None;
 
   // The name is |stem| + suffix_text(); only derived nodes have a suffix.
-  std::string_view stem() const { return {stem_data, stem_size}; }
+  std::string_view stem() const { return stem_data; }
   std::string name() const {
     std::string out(stem());
     out += suffix_text(suffix);
@@ -216,7 +220,8 @@ struct Node {
   }
   std::uint32_t tensor() const { return ref; }
 };
-static_assert(sizeof(Node) == 24);
+static_assert(sizeof(Node) == 16);
+static_assert(static_cast<int>(NodeKind::SafetensorsFile) < 8, "NodeKind must fit in 3 bits");
 
 class TensorCatalog {
  public:
@@ -309,6 +314,7 @@ class TensorCatalog {
   // the per-tensor tables; the last step of building a tree.
   void finish();
   // |name| is kept as a view: text in the arena or a literal (NUL-terminated, outliving us).
+  // Throws FormatError if |ref| exceeds Node::kMaxRef.
   NodeIndex add_node(NodeKind kind, NodeIndex parent, std::string_view name, std::uint32_t ref);
   NodeIndex add_directory(NodeIndex parent, std::string_view name);
   NodeIndex add_json(NodeIndex parent, std::string_view name, std::string text);

@@ -64,6 +64,10 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
         } else {
           copy.ref = n.ref + tensor_base;
         }
+        if (out.children_.size() > Node::kMaxRef || out.texts_.size() > Node::kMaxRef ||
+            std::uint64_t{n.ref} + tensor_base > Node::kMaxRef) {
+          throw FormatError(fmt::format("more than {} tensors or directories", Node::kMaxRef));
+        }
         it->second = static_cast<NodeIndex>(out.nodes_.size());
         out.nodes_.push_back(copy);
         owner.push_back(static_cast<std::uint32_t>(p));
