@@ -125,6 +125,7 @@ NodeIndex TensorCatalog::add_json(NodeIndex parent, std::string_view name, std::
 std::size_t TensorCatalog::metadata_bytes() const {
   std::size_t n = nodes_.capacity() * sizeof(Node) + tensors_.capacity() * sizeof(TensorInfo) +
                   storages_.capacity() * sizeof(StorageInfo) + arena_->bytes_reserved() +
+                  locations_.capacity() * sizeof(std::string_view) +
                   children_.capacity() * sizeof(children_[0]) + listed_.capacity() * 4 +
                   tensor_parts_.capacity() * 4 + sidecar_sizes_.size() * 4 +
                   apart_.size() * (sizeof(std::pair<std::uint32_t, NodeIndex>) + 16);
@@ -173,7 +174,7 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
     out += ",\n    \"record\": ";
     append_json_string(out, s.record());
     out += ",\n    \"location\": ";
-    append_json_string(out, s.location());
+    append_json_string(out, location(s));
     out +=
         fmt::format(",\n    \"file_offset\": {},\n    \"storage_nbytes\": {}", s.offset, s.nbytes);
   }

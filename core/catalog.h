@@ -71,24 +71,32 @@ static_assert(sizeof(KeyPart) == 16);
 void append_json_key(std::string& out, std::span<const KeyPart> key);
 
 // A contiguous run of checkpoint bytes holding one storage, in 40 bytes. Its texts are
-// NUL-terminated, in the arena (the key usually the record's tail) or literals.
+// NUL-terminated, in the arena or literals.
 class StorageInfo {
   const char* key_ = "";
+  // The record's name; or, when it is the shared part before the key (zip records are
+  // "<archive>/data/<key>": the prefix is stored once, not once per storage), |record_is_prefix_|.
   const char* record_ = "";
-  const char* location_ = "";
 
  public:
-  std::string_view key() const { return key_; }            // the persistent-id key, e.g. "0"
-  std::string_view record() const { return record_; }      // e.g. "archive/data/0"
-  std::string_view location() const { return location_; }  // "cpu", "cuda:0" (metadata only)
-  void set_texts(std::string_view key, std::string_view record, std::string_view location) {
+  std::string_view key() const { return key_; }  // the persistent-id key, e.g. "0"
+  std::string record() const {                   // e.g. "archive/data/0"
+    std::string out(record_);
+    if (record_is_prefix_) out += key_;
+    return out;
+  }
+  void set_texts(std::string_view key, std::string_view record, bool record_is_prefix) {
     key_ = key.data();
     record_ = record.data();
-    location_ = location.data();
+    record_is_prefix_ = record_is_prefix;
   }
 
   std::uint64_t offset = 0;  // absolute offset in the checkpoint
   std::uint64_t nbytes = 0;
+  std::uint32_t location = 0;  // index into TensorCatalog::locations(): "cpu", "cuda:0", ...
+
+ private:
+  bool record_is_prefix_ = false;
 };
 static_assert(sizeof(StorageInfo) == 40);
 
@@ -260,6 +268,8 @@ class TensorCatalog {
 
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const std::vector<StorageInfo>& storages() const { return storages_; }
+  // The storages' locations ("cpu", "cuda:0": metadata only), each once.
+  std::string_view location(const StorageInfo& s) const { return locations_[s.location]; }
   const std::string& format() const { return format_; }
   bool big_endian() const { return big_endian_; }
   const std::vector<std::string>& warnings() const { return warnings_; }
@@ -334,6 +344,7 @@ class TensorCatalog {
   std::vector<std::string> texts_;                // by JsonValue node's ref
   std::vector<TensorInfo> tensors_;
   std::vector<StorageInfo> storages_;
+  std::vector<std::string_view> locations_;  // in the arena
   std::string format_;
   bool big_endian_ = false;
   std::vector<std::string> warnings_;

@@ -248,11 +248,18 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
 std::uint32_t CatalogBuilder::register_storage(const StorageSpec& s) {
   if (auto it = storage_index_.find(s.key); it != storage_index_.end()) return it->second;
   StorageInfo info;
-  const std::string_view record = keep(s.record);
-  // Zip records end with their key ("archive/data/7"): one copy serves both.
-  const std::string_view key =
-      record.ends_with(s.key) ? record.substr(record.size() - s.key.size()) : keep(s.key);
-  info.set_texts(key, record, shared(s.location));
+  const std::string_view key = keep(s.key);
+  // Zip records are "<archive>/data/<key>": the part before the key is shared.
+  const bool ends_in_key = s.record.size() > s.key.size() && s.record.ends_with(s.key);
+  info.set_texts(key,
+                 ends_in_key
+                     ? shared(std::string_view(s.record).substr(0, s.record.size() - s.key.size()))
+                     : keep(s.record),
+                 ends_in_key);
+  auto [at, fresh] = location_index_.emplace(
+      shared(s.location), static_cast<std::uint32_t>(catalog_.locations_.size()));
+  if (fresh) catalog_.locations_.push_back(at->first);
+  info.location = at->second;
   info.offset = s.offset;
   info.nbytes = s.nbytes;
   const auto index = static_cast<std::uint32_t>(catalog_.storages_.size());

@@ -87,6 +87,10 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
     for (auto& a : part.part_arenas_) out.part_arenas_.push_back(std::move(a));
     for (StorageInfo& s : part.storages_) {
       s.offset += storage_bases[p];
+      const std::string_view where = part.locations_[s.location];
+      auto known = std::find(out.locations_.begin(), out.locations_.end(), where);
+      s.location = static_cast<std::uint32_t>(known - out.locations_.begin());
+      if (known == out.locations_.end()) out.locations_.push_back(where);
       out.storages_.push_back(std::move(s));
     }
     for (TensorInfo& t : part.tensors_) {

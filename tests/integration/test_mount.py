@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import zipfile
 
 import numpy as np
 import torch
@@ -148,6 +149,15 @@ class MountedCheckpointTest(unittest.TestCase):
             self.assertEqual(json.loads(os.getxattr(f, "user.ckptfs.key")), ["optimizer_states", 0, "state", 0, "exp_avg"])
             self.assertEqual(json.loads(os.getxattr(f, "user.ckptfs.shape")), [16, 8])
             self.assertEqual(os.getxattr(f + ".npy", "user.ckptfs.dtype"), b"float32")
+            # The storage's record is an entry of the zip, named after the storage key.
+            record = os.getxattr(f, "user.ckptfs.record").decode()
+            storage = os.getxattr(f, "user.ckptfs.storage").decode()
+            with zipfile.ZipFile(self.paths["lightning"]) as z:
+                self.assertIn(record, z.namelist())
+            self.assertTrue(record.endswith("/data/" + storage), record)
+            with open(f + ".json") as side:
+                source = json.load(side)["source"]
+            self.assertEqual((source["record"], source["storage"], source["location"]), (record, storage, "cpu"))
             with self.assertRaises(OSError) as cm:
                 os.getxattr(f, "user.ckptfs.nope")
             self.assertEqual(cm.exception.errno, errno.ENODATA)
