@@ -3,12 +3,12 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <unordered_set>
 
 #include "errors.h"
 #include "json_text.h"
 #include "known_objects.h"
 #include "name_escaping.h"
+#include "name_table.h"
 
 namespace ckptfs {
 namespace {
@@ -452,18 +452,21 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   // Names: raw files and directories first (so a sidecar never shadows a tensor), then the
   // .json files; a clash appends ~1, ~2, ... before any ".json".
   // Claimed names go straight to the catalog's arena, where their nodes will point. A tensor's
-  // "<raw>.json" and "<raw>.npy" are not copied: they are taken when <raw> is in |derived_json|
-  // / |derived_npy|.
-  std::unordered_set<std::string_view> taken;
-  std::unordered_set<std::string_view> derived_json;
-  std::unordered_set<std::string_view> derived_npy;
-  taken.reserve(entries.size() + 1);  // one name per entry and a few clashes: rarely a rehash
-  if (dir == TensorCatalog::kRoot) taken.insert(".ckptfs");
+  // "<raw>.json" and "<raw>.npy" are not copied: <raw>'s entry says they are taken.
+  constexpr std::uint8_t kTaken = 1;        // the name is a file's or directory's
+  constexpr std::uint8_t kJsonDerived = 2;  // "<name>.json" is the derived sidecar of <name>
+  constexpr std::uint8_t kNpyDerived = 4;   // "<name>.npy" is the derived view of <name>
+  NameTable names(entries.size() + 1);
+  if (dir == TensorCatalog::kRoot) names.add(".ckptfs") |= kTaken;
   auto is_taken = [&](std::string_view name) {
-    if (taken.contains(name)) return true;
-    if (name.ends_with(".json") && derived_json.contains(name.substr(0, name.size() - 5)))
-      return true;
-    return name.ends_with(".npy") && derived_npy.contains(name.substr(0, name.size() - 4));
+    if (const std::uint8_t* f = names.find(name); f != nullptr && (*f & kTaken) != 0) return true;
+    for (auto [ext, bit] : {std::pair{std::string_view(".json"), kJsonDerived},
+                            std::pair{std::string_view(".npy"), kNpyDerived}}) {
+      if (!name.ends_with(ext)) continue;
+      const std::uint8_t* f = names.find(name.substr(0, name.size() - ext.size()));
+      if (f != nullptr && (*f & bit) != 0) return true;
+    }
+    return false;
   };
   std::string candidate;
   auto claim = [&](std::string_view base, std::string_view ext) {
@@ -471,18 +474,17 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     candidate += ext;
     for (int n = 1; is_taken(candidate); ++n) candidate = fmt::format("{}~{}{}", base, n, ext);
     std::string_view name = keep(candidate);
-    taken.insert(name);
+    names.add(name) |= kTaken;
     return name;
   };
   // A tensor's sidecar or view: derived (true) when "<raw><ext>" is free; else stored under
   // the name claim() gives it (returned in |apart_name|).
-  auto claim_derived = [&](std::string_view raw, std::string_view ext,
-                           std::unordered_set<std::string_view>& derived,
+  auto claim_derived = [&](std::string_view raw, std::string_view ext, std::uint8_t bit,
                            std::string_view& apart_name) {
     candidate.assign(raw);
     candidate += ext;
     if (!is_taken(candidate)) {
-      derived.insert(raw);
+      names.add(raw) |= bit;
       return true;
     }
     apart_name = claim(raw, ext);
@@ -534,8 +536,8 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
       TensorInfo info = p.tensor->info;
       std::string_view sidecar;
       std::string_view npy;
-      info.sidecar_apart = !claim_derived(p.primary, ".json", derived_json, sidecar);
-      info.npy_apart = !claim_derived(p.primary, ".npy", derived_npy, npy);
+      info.sidecar_apart = !claim_derived(p.primary, ".json", kJsonDerived, sidecar);
+      info.npy_apart = !claim_derived(p.primary, ".npy", kNpyDerived, npy);
       auto tensor_index = static_cast<std::uint32_t>(catalog_.tensors_.size());
       auto add_tensor_file = [&](NodeKind kind, std::string_view name) {
         check_node_limit();
