@@ -93,7 +93,8 @@ class StorageInfo {
 
   std::uint64_t offset = 0;  // absolute offset in the checkpoint
   std::uint64_t nbytes = 0;
-  std::uint32_t location = 0;  // index into TensorCatalog::locations(): "cpu", "cuda:0", ...
+  // Where torch had it ("cpu", "cuda:0": metadata only), as TensorCatalog::location() gives it.
+  std::uint32_t location = 0;
 
  private:
   bool record_is_prefix_ = false;
