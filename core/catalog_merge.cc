@@ -32,7 +32,9 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
     // Depth-first over the part's tree; /.ckptfs is rebuilt for the whole by finish().
     std::vector<std::pair<NodeIndex, NodeIndex>> stack = {{kRoot, kRoot}};  // (part, out)
     while (!stack.empty()) {
-      auto [from_dir, to_dir] = stack.back();
+      // Not a structured binding: the lambda below captures to_dir, which clang 14 refuses.
+      const NodeIndex from_dir = stack.back().first;
+      const NodeIndex to_dir = stack.back().second;
       stack.pop_back();
       for (NodeIndex c : part.children(from_dir)) {
         const Node& n = part.nodes_[c];
