@@ -208,6 +208,12 @@ class MountedCheckpointTest(unittest.TestCase):
                 self.assertFalse(e["path"].startswith("state_dict/"))
                 with open(m.file(e["path"]), "rb") as f:
                     self.assertEqual(f.read(), torch_bytes(expected[tuple(e["key"])]))
+                # The sidecar and view, found through their raw file under the new root.
+                self.assertEqual(e["sidecar"], e["path"] + ".json")
+                with open(m.file(e["sidecar"])) as f:
+                    self.assertEqual(json.load(f)["path"], e["path"])
+                self.assertEqual(np.load(m.file(e["npy"])).tobytes(), torch_bytes(expected[tuple(e["key"])]))
+            self.assertFalse(os.path.exists(m.file("state_dict")))
         mnt = tempfile.mkdtemp(prefix="ckptfs-mnt-")
         try:
             from ckptfs_testlib import run_ckptfs

@@ -127,6 +127,27 @@ class ShardsTest(unittest.TestCase):
         finally:
             os.rmdir(mnt)
 
+    def test_renamed_sidecars_survive_the_merge(self):
+        # In the first file, tensor "w.json" takes the name tensor w's sidecar would have had.
+        a = os.path.join(self.tmp.name, "renamed.pt")
+        b = os.path.join(self.tmp.name, "other.pt")
+        sd_a = {"w": torch.arange(3.0), "w.json": torch.ones(2, dtype=torch.int16)}
+        sd_b = {"v": torch.zeros(4, dtype=torch.float64)}
+        torch.save(sd_a, a)
+        torch.save(sd_b, b)
+        with Mount(b, a) as m:  # the renamed file's tensors come second: their numbers move
+            by_key = {e["key"][0]: e for e in m.index()["tensors"]}
+            self.assertEqual(by_key["w"]["sidecar"], "w~1.json")
+            self.assertEqual(sorted(os.listdir(m.path)),
+                             [".ckptfs", "v", "v.json", "v.npy", "w", "w.json", "w.json.json", "w.json.npy",
+                              "w.npy", "w~1.json"])
+            for key, t in {**sd_a, **sd_b}.items():
+                e = by_key[key]
+                with open(m.file(e["path"]), "rb") as f:
+                    self.assertEqual(f.read(), torch_bytes(t))
+                with open(m.file(e["sidecar"])) as f:
+                    self.assertEqual(json.load(f)["key"], [key])
+
     def test_a_sidecar_name_clashes_across_files(self):
         # "w.json" is tensor w's sidecar in one file and value w's file in the other: one of
         # them would be hidden, so the merge refuses, whichever file comes first.
