@@ -8,7 +8,7 @@
 #include "json_text.h"
 #include "known_objects.h"
 #include "name_escaping.h"
-#include "name_table.h"
+#include "name_map.h"
 
 namespace ckptfs {
 namespace {
@@ -246,7 +246,7 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
 }
 
 std::uint32_t CatalogBuilder::register_storage(const StorageSpec& s) {
-  if (auto it = storage_index_.find(s.key); it != storage_index_.end()) return it->second;
+  if (const std::uint32_t* known = storage_index_.find(s.key)) return *known;
   StorageInfo info;
   const std::string_view key = keep(s.key);
   // Zip records are "<archive>/data/<key>": the part before the key is shared.
@@ -256,15 +256,16 @@ std::uint32_t CatalogBuilder::register_storage(const StorageSpec& s) {
                      ? shared(std::string_view(s.record).substr(0, s.record.size() - s.key.size()))
                      : keep(s.record),
                  ends_in_key);
-  auto [at, fresh] = location_index_.emplace(
-      shared(s.location), static_cast<std::uint32_t>(catalog_.locations_.size()));
-  if (fresh) catalog_.locations_.push_back(at->first);
-  info.location = at->second;
+  const std::string_view location = shared(s.location);
+  bool fresh = false;
+  info.location =
+      location_index_.add(location, static_cast<std::uint32_t>(catalog_.locations_.size()), &fresh);
+  if (fresh) catalog_.locations_.push_back(location);
   info.offset = s.offset;
   info.nbytes = s.nbytes;
   const auto index = static_cast<std::uint32_t>(catalog_.storages_.size());
   catalog_.storages_.push_back(info);
-  storage_index_.emplace(key, index);
+  storage_index_.add(key, index);
   return index;
 }
 
@@ -384,9 +385,8 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
 
   // A dict that sets one key twice keeps the last value at the first position, as Python does.
   if (arena_[v].kind == ValueKind::Dict) {
-    std::unordered_map<std::string_view, std::size_t> seen_text;  // views into |kids|
+    NameMap<std::size_t> seen_text(kids.size());  // views into |kids|
     std::unordered_map<std::int64_t, std::size_t> seen_number;
-    seen_text.reserve(kids.size());
     std::vector<std::size_t> first_of(kids.size());
     bool duplicates = false;
     for (std::size_t i = 0; i < kids.size(); ++i) {
@@ -397,9 +397,7 @@ void CatalogBuilder::fill_directory(NodeIndex dir, ValueId v, std::vector<KeyPar
         first_of[i] = it->second;
         fresh = added;
       } else {
-        auto [it, added] = seen_text.emplace(k.text(), i);
-        first_of[i] = it->second;
-        fresh = added;
+        first_of[i] = seen_text.add(k.text(), i, &fresh);
       }
       duplicates |= !fresh;
     }
@@ -456,7 +454,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   constexpr std::uint8_t kTaken = 1;        // the name is a file's or directory's
   constexpr std::uint8_t kJsonDerived = 2;  // "<name>.json" is the derived sidecar of <name>
   constexpr std::uint8_t kNpyDerived = 4;   // "<name>.npy" is the derived view of <name>
-  NameTable names(entries.size() + 1);
+  NameMap<std::uint8_t> names(entries.size() + 1);
   if (dir == TensorCatalog::kRoot) names.add(".ckptfs") |= kTaken;
   auto is_taken = [&](std::string_view name) {
     if (const std::uint8_t* f = names.find(name); f != nullptr && (*f & kTaken) != 0) return true;
@@ -727,7 +725,7 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
     }
   }
   calls = std::min(calls, kMaxNodes / 4);
-  catalog_.nodes_.reserve(3 * calls + 16);
+  catalog_.nodes_.reserve(calls + 16);
   catalog_.tensors_.reserve(calls);
   catalog_.storages_.reserve(calls);
   storage_index_.reserve(calls);

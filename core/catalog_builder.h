@@ -14,6 +14,7 @@
 
 #include "catalog.h"
 #include "dtype.h"
+#include "name_map.h"
 #include "pickle_value.h"
 
 namespace ckptfs {
@@ -81,8 +82,8 @@ class CatalogBuilder {
   TensorCatalog& catalog_;
   StorageResolver resolve_;
   std::unordered_map<ValueId, std::int8_t> has_tensor_;  // 1 yes, 0 no, -1 being computed
-  std::unordered_map<std::string_view, std::uint32_t> storage_index_;   // keys in the arena
-  std::unordered_map<std::string_view, std::uint32_t> location_index_;  // into locations_
+  NameMap<std::uint32_t> storage_index_;                 // keys in the arena
+  NameMap<std::uint32_t> location_index_;                // into locations_
 };
 
 }  // namespace ckptfs

@@ -1,12 +1,12 @@
-#include "name_table.h"
+#include "name_map.h"
 
 #include <catch2/catch.hpp>
 #include <deque>
 #include <string>
 
-using ckptfs::NameTable;
+using NameTable = ckptfs::NameMap<std::uint8_t>;
 
-TEST_CASE("name table finds what was added, with its flags, across growth") {
+TEST_CASE("name map finds what was added, with its flags, across growth") {
   NameTable names(1);             // far too small: it must grow many times
   std::deque<std::string> owned;  // the table keeps views
   for (int i = 0; i < 50'000; ++i) {
@@ -21,6 +21,16 @@ TEST_CASE("name table finds what was added, with its flags, across growth") {
   CHECK(names.find("layer.50000.weight") == nullptr);
   CHECK(names.find("") == nullptr);
   CHECK(names.find("layer.1.weight.json") == nullptr);
+}
+
+TEST_CASE("add reports whether the name was new and keeps the first value") {
+  ckptfs::NameMap<std::size_t> seen;
+  bool added = false;
+  CHECK(seen.add("a", 7, &added) == 7);
+  CHECK(added);
+  CHECK(seen.add("a", 9, &added) == 7);
+  CHECK_FALSE(added);
+  CHECK(seen.size() == 1);
 }
 
 TEST_CASE("adding a name twice keeps one entry and its flags") {

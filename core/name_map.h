@@ -1,0 +1,88 @@
+// NameMap: a map from names (views, not copies) to small values, for the tables loading builds
+// once per name: the names claimed in a directory, the keys seen in a dict, the storages
+// located in a zip.
+//
+// A checkpoint of 262,144 tensors asks such tables a million questions; with std::unordered_map
+// each one chased a bucket, a heap node and the name. Here a question is one probe of a flat
+// array (open addressing, linear probing) that holds each name's hash next to its view and
+// value, so most answers never touch the name's bytes, and nothing is allocated per name.
+#pragma once
+
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace ckptfs {
+
+template <class V>
+class NameMap {
+ public:
+  // Room for |expected| names without growing (it still grows if more come).
+  explicit NameMap(std::size_t expected = 0) { rehash(capacity_for(expected)); }
+
+  // The value of |name|, or nullptr if it was never added. Valid until the next add().
+  V* find(std::string_view name) {
+    Slot& s = probe(name, hash_of(name));
+    return s.used ? &s.value : nullptr;
+  }
+  // Adds |name| (a view that must outlive the map) with |initial| if it is new; returns its
+  // value either way (valid until the next add()), and in |added| whether it was new.
+  V& add(std::string_view name, const V& initial = V{}, bool* added = nullptr) {
+    if (capacity_for(count_ + 1) > slots_.size()) rehash(slots_.size() * 2);
+    const std::uint64_t h = hash_of(name);
+    Slot& s = probe(name, h);
+    if (added != nullptr) *added = !s.used;
+    if (!s.used) {
+      s = Slot{h, name, initial, true};
+      ++count_;
+    }
+    return s.value;
+  }
+  std::size_t size() const { return count_; }
+  // Room for |expected| names in all without growing.
+  void reserve(std::size_t expected) {
+    if (capacity_for(expected) > slots_.size()) rehash(capacity_for(expected));
+  }
+
+ private:
+  struct Slot {
+    std::uint64_t hash = 0;
+    std::string_view name;
+    V value{};
+    bool used = false;
+  };
+
+  // At most 3/4 full: short probe runs, and a table for 2^k names is 2^(k+1) slots, not 2^(k+2).
+  static std::size_t capacity_for(std::size_t names) {
+    return std::bit_ceil(names + names / 3 + 8);
+  }
+
+  static std::uint64_t hash_of(std::string_view name) {
+    return std::hash<std::string_view>{}(name);
+  }
+
+  // The slot holding |name|, or the free slot where it would go.
+  Slot& probe(std::string_view name, std::uint64_t h) {
+    const std::size_t mask = slots_.size() - 1;
+    for (std::size_t i = h & mask;; i = (i + 1) & mask) {
+      Slot& s = slots_[i];
+      if (!s.used || (s.hash == h && s.name == name)) return s;
+    }
+  }
+
+  void rehash(std::size_t size) {
+    std::vector<Slot> old = std::exchange(slots_, std::vector<Slot>(size));
+    for (const Slot& s : old) {
+      if (s.used) probe(s.name, s.hash) = s;
+    }
+  }
+
+  std::vector<Slot> slots_;
+  std::size_t count_ = 0;
+};
+
+}  // namespace ckptfs
