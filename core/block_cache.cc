@@ -78,19 +78,8 @@ std::uint32_t BlockCache::acquire(std::uint64_t block) {
   std::unique_lock lock(mu_);
   for (;;) {
     if (auto it = index_.find(block); it != index_.end()) {
-      Slot& s = slots_[it->second];
-      if (s.state == SlotState::Ready) {
-        ++s.pins;
-        if (s.prefetched) {
-          // Its first use: from now on it is an ordinary block (no second chance yet).
-          s.prefetched = false;
-          --prefetched_unused_;
-          ++stats_.prefetch_hits;
-        } else {
-          s.referenced = true;
-        }
-        ++stats_.hits;
-        note_access(block);
+      if (slots_[it->second].state == SlotState::Ready) {
+        pin_ready(it->second, block);
         return it->second;
       }
       changed_.wait(lock);  // another thread is loading it: wait, never read twice
@@ -107,6 +96,21 @@ std::uint32_t BlockCache::acquire(std::uint64_t block) {
     load(lock, victim, block);
     return victim;
   }
+}
+
+void BlockCache::pin_ready(std::uint32_t slot, std::uint64_t block) {
+  Slot& s = slots_[slot];
+  ++s.pins;
+  if (s.prefetched) {
+    // Its first use: from now on it is an ordinary block (no second chance yet).
+    s.prefetched = false;
+    --prefetched_unused_;
+    ++stats_.prefetch_hits;
+  } else {
+    s.referenced = true;
+  }
+  ++stats_.hits;
+  note_access(block);
 }
 
 void BlockCache::claim(std::uint32_t slot, std::uint64_t block) {
@@ -256,6 +260,13 @@ void BlockCache::Pin::reset() {
   if (cache_ != nullptr) std::exchange(cache_, nullptr)->release(slot_);
 }
 
+BlockCache::Pin BlockCache::make_pin(std::uint32_t slot, std::uint64_t block,
+                                     std::uint32_t length) {
+  return Pin(this, slot, block * block_size_,
+             std::span<const std::byte>(
+                 arena_.data() + static_cast<std::size_t>(slot) * block_size_, length));
+}
+
 BlockCache::Pin BlockCache::pin(std::uint64_t offset) {
   if (offset >= source_.size()) {
     throw IoError(fmt::format("offset {} is outside {}", offset, source_.describe()), EIO);
@@ -267,9 +278,17 @@ BlockCache::Pin BlockCache::pin(std::uint64_t offset) {
     std::lock_guard lock(mu_);
     length = slots_[slot].length;
   }
-  return Pin(this, slot, block * block_size_,
-             std::span<const std::byte>(
-                 arena_.data() + static_cast<std::size_t>(slot) * block_size_, length));
+  return make_pin(slot, block, length);
+}
+
+std::optional<BlockCache::Pin> BlockCache::try_pin(std::uint64_t offset) {
+  if (offset >= source_.size()) return std::nullopt;
+  const std::uint64_t block = offset / block_size_;
+  std::lock_guard lock(mu_);
+  auto it = index_.find(block);
+  if (it == index_.end() || slots_[it->second].state != SlotState::Ready) return std::nullopt;
+  pin_ready(it->second, block);
+  return make_pin(it->second, block, slots_[it->second].length);
 }
 
 void BlockCache::read(std::uint64_t offset, std::span<std::byte> dst) {

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <thread>
 #include <unordered_map>
@@ -103,6 +104,9 @@ class BlockCache {
   // Pins the block holding source byte |offset| (loading it if needed). Thread-safe. Throws
   // IoError if the source fails (nothing is cached for that block).
   Pin pin(std::uint64_t offset);
+  // The same, but only if that block is already loaded; never loads, never waits. For callers
+  // that already hold pins: waiting for a free slot while holding one could deadlock.
+  std::optional<Pin> try_pin(std::uint64_t offset);
 
   // Copies source bytes [offset, offset + dst.size()) into |dst| through the cache.
   void read(std::uint64_t offset, std::span<std::byte> dst);
@@ -125,6 +129,9 @@ class BlockCache {
   static constexpr std::uint32_t kNoSlot = UINT32_MAX;
 
   std::uint32_t acquire(std::uint64_t block);
+  // Pins Ready |slot| for |block|, counting a hit. Requires mu_.
+  void pin_ready(std::uint32_t slot, std::uint64_t block);
+  Pin make_pin(std::uint32_t slot, std::uint64_t block, std::uint32_t length);
   void release(std::uint32_t slot);
   std::uint32_t find_victim();  // requires mu_
   // Claims |slot| for |block| (evicting what it held), marked Loading and pinned. Requires mu_.

@@ -34,6 +34,54 @@ void TensorReader::gather(const TensorInfo& t, const TensorLayout& layout, std::
   });
 }
 
+bool TensorReader::pin_pieces(const TensorInfo& t, std::uint64_t offset, std::uint64_t length,
+                              std::vector<BlockCache::Pin>& pins,
+                              std::vector<std::span<const std::byte>>& pieces,
+                              std::size_t max_pieces) const {
+  if (!t.error().empty()) throw FormatError(std::string(t.error()));
+  if (offset > t.nbytes() || length > t.nbytes() - offset) {
+    throw FormatError(fmt::format("read past the end of tensor '{}'", catalog_.path_of(t)));
+  }
+  const std::uint32_t unit = t.dtype().is_complex ? t.dtype().itemsize / 2 : t.dtype().itemsize;
+  if ((catalog_.big_endian() && unit > 1) || t.conj || t.neg) return false;
+  const std::size_t first_pin = pins.size();
+  const std::size_t first_piece = pieces.size();
+  const std::uint64_t base = catalog_.storages()[t.storage].offset;
+  bool ok = true;
+  t.layout().for_each_run(offset, length, [&](std::uint64_t storage_byte, std::uint64_t n) {
+    std::uint64_t pos = base + storage_byte;
+    while (ok && n > 0) {
+      if (pins.size() == first_pin || !pins.back().contains(pos, 1)) {
+        std::optional<BlockCache::Pin> pin = cache_.try_pin(pos);
+        if (!pin) {
+          ok = false;
+          return;
+        }
+        pins.push_back(std::move(*pin));
+      }
+      const BlockCache::Pin& held = pins.back();
+      const std::uint64_t take = std::min(n, held.end() - pos);
+      const std::byte* at = held.at(pos);
+      // Runs that continue where the last piece ends (a contiguous tensor) stay one piece.
+      if (pieces.size() > first_piece && pieces.back().data() + pieces.back().size() == at) {
+        pieces.back() = {pieces.back().data(), pieces.back().size() + take};
+      } else if (pieces.size() - first_piece == max_pieces) {
+        ok = false;
+        return;
+      } else {
+        pieces.emplace_back(at, static_cast<std::size_t>(take));
+      }
+      pos += take;
+      n -= take;
+    }
+  });
+  if (!ok) {
+    pins.erase(pins.begin() + static_cast<std::ptrdiff_t>(first_pin), pins.end());
+    pieces.resize(first_piece);
+  }
+  return ok;
+}
+
 void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const {
   if (!t.error().empty()) throw FormatError(std::string(t.error()));
   if (offset > t.nbytes() || dst.size() > t.nbytes() - offset) {

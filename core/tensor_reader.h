@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "block_cache.h"
 #include "catalog.h"
@@ -18,6 +19,16 @@ class TensorReader {
   // Fills |dst| with bytes [offset, offset + dst.size()) of |t|'s file, which must lie within
   // t.nbytes(). Throws FormatError for a tensor with an error, IoError if the source fails.
   void read(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const;
+
+  // The same bytes as pieces of cache blocks, pinned (in |pins|) until the caller drops them:
+  // a reply can then hand the kernel the cache's memory, without a copy of our own. Only when
+  // every block is already loaded (no waiting while holding pins), no byte needs transforming
+  // (byte swap, math bits) and it takes at most |max_pieces| pieces; otherwise returns false
+  // with nothing pinned, and read() is the way. |pins| and |pieces| are appended to (reused
+  // by the caller).
+  bool pin_pieces(const TensorInfo& t, std::uint64_t offset, std::uint64_t length,
+                  std::vector<BlockCache::Pin>& pins,
+                  std::vector<std::span<const std::byte>>& pieces, std::size_t max_pieces) const;
 
  private:
   void gather(const TensorInfo& t, const TensorLayout& layout, std::uint64_t offset,

@@ -1,6 +1,7 @@
 """Mounts checkpoints written by the real torch.save and compares every tensor file
 byte-for-byte with what torch.load gives (issue #2)."""
 import errno
+import io
 import json
 import os
 import stat
@@ -306,6 +307,30 @@ class MountedCheckpointTest(unittest.TestCase):
             self.assertEqual(by_key[("v",)]["npy"], "v~1.npy")
             self.assertEqual(by_key[("v",)]["sidecar"], "v.json")
             self.assertEqual(by_key[("v.npy",)]["path"], "v.npy")
+
+    def test_pieces_at_any_offset_both_cold_and_cached(self):
+        # Replies come from the cache's blocks when they are loaded and from a copy when not:
+        # reads crossing the .npy header's end and the views' gaps must give the same bytes
+        # both times. The first pass loads the daemon's blocks; dropping the kernel's pages in
+        # between sends the second pass to the daemon again, which then finds them loaded.
+        expected = torch_tensors(torch.load(self.paths["views"]))
+        with Mount(self.paths["views"]) as m:
+            for e in m.index()["tensors"]:
+                t = expected[tuple(e["key"])]
+                raw = torch_bytes(t)
+                buf = io.BytesIO()
+                np.save(buf, t.contiguous().numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().view("<u2"))
+                npy = buf.getvalue()
+                for path, want in ((e["path"], raw), (e["npy"], npy)):
+                    fd = os.open(m.file(path), os.O_RDONLY)
+                    try:
+                        for _ in range(2):
+                            for size in (7, 61, 4099):
+                                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                                got = b"".join(os.pread(fd, size, off) for off in range(0, len(want), size))
+                                self.assertEqual(got, want, f"{path} in pieces of {size}")
+                    finally:
+                        os.close(fd)
 
     def test_listing_matches_lookups(self):
         # Sidecars and views are not stored per tensor but derived from the raw file's name,

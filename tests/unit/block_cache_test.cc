@@ -235,3 +235,34 @@ TEST_CASE("prefetch with many threads and a tiny cache: every byte right, clean 
     CHECK(bad == 0);
   }  // the destructor stops the prefetch thread
 }
+
+TEST_CASE("try_pin gives loaded blocks only, and never reads the source") {
+  MemorySource src(1'000'003);
+  BlockCache cache(src, 64u << 10 << 5, 64u << 10);
+  CHECK_FALSE(cache.try_pin(100).has_value());
+  CHECK(src.reads == 0);
+  { BlockCache::Pin loaded = cache.pin(70'000); }  // loads the second block
+  CHECK(src.reads == 1);
+  std::optional<BlockCache::Pin> again = cache.try_pin(65'536 + 7);
+  REQUIRE(again.has_value());
+  CHECK(again->begin() == 65'536);
+  CHECK(std::memcmp(again->at(70'000), src.bytes() + 70'000, 1000) == 0);
+  CHECK_FALSE(cache.try_pin(0).has_value());           // the first block was never loaded
+  CHECK_FALSE(cache.try_pin(src.size()).has_value());  // past the end: no block, no throw
+  CHECK(src.reads == 1);
+  CHECK(cache.stats().hits == 1);
+}
+
+TEST_CASE("a block pinned by try_pin is not evicted while held") {
+  MemorySource src(64u << 10 << 6);  // 64 blocks through a 32-block cache
+  BlockCache cache(src, 64u << 10 << 5, 64u << 10);
+  { BlockCache::Pin first = cache.pin(0); }
+  std::optional<BlockCache::Pin> held = cache.try_pin(0);
+  REQUIRE(held.has_value());
+  std::vector<std::byte> buf(64u << 10);
+  for (std::uint64_t b = 1; b < 64; ++b)
+    cache.read(b * buf.size(), buf);  // every other slot cycles
+  CHECK(std::memcmp(held->at(0), src.bytes(), 64u << 10) == 0);
+  held.reset();
+  CHECK(cache.stats().evictions > 0);
+}
