@@ -17,6 +17,13 @@ void KernelInvalidator::stop() {
   if (thread_.joinable()) thread_.join();
 }
 
+bool KernelInvalidator::quiesce(std::chrono::milliseconds wait) {
+  std::unique_lock lock(mu_);
+  stopping_ = true;
+  cv_.notify_all();
+  return cv_.wait_for(lock, wait, [this] { return !busy_; });
+}
+
 void KernelInvalidator::wake() {
   {
     std::lock_guard lock(mu_);
@@ -33,10 +40,15 @@ void KernelInvalidator::run() {
       cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return pending_ || stopping_; });
       if (stopping_) return;
       pending_ = false;
+      busy_ = true;
     }
     // No lock is held from here on: the ledger hands out ranges it already took off its
     // record, so replies recorded meanwhile are accounted afresh.
     for (const auto& r : ledger_.take_excess()) {
+      {
+        std::lock_guard lock(mu_);
+        if (stopping_) break;  // quiesce(): the session is about to be unmounted
+      }
       int rc = fuse_lowlevel_notify_inval_inode(session_, r.inode, static_cast<off_t>(r.offset),
                                                 static_cast<off_t>(r.length));
       // -ENOENT: the kernel has already forgotten the inode, and its pages with it.
@@ -45,6 +57,11 @@ void KernelInvalidator::run() {
         invalidated_bytes_ += r.length;
       }
     }
+    {
+      std::lock_guard lock(mu_);
+      busy_ = false;
+    }
+    cv_.notify_all();
   }
 }
 

@@ -11,6 +11,7 @@
 #include <fuse_lowlevel.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -29,6 +30,11 @@ class KernelInvalidator {
   KernelInvalidator& operator=(const KernelInvalidator&) = delete;
 
   void start();
+  // Before unmounting (which closes the session's fd): no notification starts after this
+  // returns. Waits up to |wait| for one in progress to end and returns whether none is left;
+  // one that is still waiting (for a READ the stopped loop will never answer) is ended by the
+  // unmount, and the thread then never touches the session again.
+  bool quiesce(std::chrono::milliseconds wait);
   // Stops and joins the thread. Call after the filesystem is unmounted, so a notification in
   // progress cannot wait for a READ that will never be answered.
   void stop();
@@ -47,6 +53,7 @@ class KernelInvalidator {
   std::condition_variable cv_;
   bool pending_ = false;
   bool stopping_ = false;
+  bool busy_ = false;  // notifying, without mu_ held
   std::thread thread_;
   std::atomic<std::uint64_t> invalidations_{0};
   std::atomic<std::uint64_t> invalidated_bytes_{0};

@@ -321,6 +321,9 @@ int run(const CliOptions& opts) {
   fuse_loop_cfg_destroy(cfg);
   readahead_stop = true;
   if (readahead.joinable()) readahead.join();
+  // The unmount closes the session's fd: the invalidator must not start a notification on it
+  // after that (found by TSan: close() racing the invalidator's writev()).
+  invalidator.quiesce(std::chrono::milliseconds(500));
   guard.unmount();
   invalidator.stop();
   // libfuse reports an exit by SIGINT/SIGTERM/SIGHUP as the (positive) signal number: that is
