@@ -93,11 +93,11 @@ TensorCatalog TensorCatalog::merge(std::vector<TensorCatalog> parts,
       auto known = std::find(out.locations_.begin(), out.locations_.end(), where);
       s.location = static_cast<std::uint32_t>(known - out.locations_.begin());
       if (known == out.locations_.end()) out.locations_.push_back(where);
-      out.storages_.push_back(std::move(s));
+      out.storages_.push_back(s);
     }
     for (TensorInfo& t : part.tensors_) {
       if (t.storage != kNoStorage) t.storage += storage_base;
-      out.tensors_.push_back(std::move(t));
+      out.tensors_.push_back(t);
       out.tensor_parts_.push_back(static_cast<std::uint32_t>(p));
     }
     for (std::string& w : part.warnings_) out.warnings_.push_back(part_names[p] + ": " + w);
