@@ -287,8 +287,8 @@ void reply_tensor(MountState& s, fuse_req_t req, fuse_ino_t ino, const TensorInf
           ? std::min<std::size_t>(len, header.size() - static_cast<std::size_t>(start))
           : 0;
   // Straight from the cache's blocks when they are loaded: the kernel copies them into its
-  // pages, and our copy into a reply buffer (a third of the daemon's work when streaming) is
-  // saved. The pins hold the blocks until the reply is written.
+  // pages, and our copy into a reply buffer is saved (a quarter of the daemon's CPU when
+  // streaming 2 GiB, measured). The pins hold the blocks until the reply is written.
   thread_local std::vector<BlockCache::Pin> pins;
   thread_local std::vector<std::span<const std::byte>> pieces;
   thread_local std::vector<iovec> iov;
