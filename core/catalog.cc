@@ -39,13 +39,15 @@ NodeIndex TensorCatalog::lookup(NodeIndex dir, std::string_view name) const {
     if (!name.ends_with(ext)) continue;
     const NodeIndex raw = find(name.substr(0, name.size() - ext.size()));
     if (raw == kNoNode || nodes_[raw].kind != NodeKind::TensorData) return kNoNode;
-    const std::uint32_t t = nodes_[raw].tensor();
-    const bool apart =
-        suffix == NameSuffix::Json ? tensors_[t].sidecar_apart : tensors_[t].npy_apart;
-    if (apart) return kNoNode;
-    return derived_base_ + 2 * t + (suffix == NameSuffix::Npy ? 1 : 0);
+    return derived(nodes_[raw].tensor(), suffix);
   }
   return kNoNode;
+}
+
+NodeIndex TensorCatalog::derived(std::uint32_t tensor, NameSuffix suffix) const {
+  const TensorInfo& t = tensors_[tensor];
+  if (suffix == NameSuffix::Json) return t.sidecar_apart ? kNoNode : derived_base_ + 2 * tensor;
+  return t.npy_apart ? kNoNode : derived_base_ + 2 * tensor + 1;
 }
 
 Node TensorCatalog::derived_node(std::size_t k) const {
@@ -60,34 +62,32 @@ NodeIndex TensorCatalog::entry(NodeIndex dir, std::size_t slot) const {
   if (slot % 3 == 0) return child;
   const Node& n = nodes_[child];
   if (n.kind != NodeKind::TensorData) return kNoNode;
-  const TensorInfo& t = tensors_[n.tensor()];
-  if (slot % 3 == 1) return t.sidecar_apart ? kNoNode : derived_base_ + 2 * n.tensor();
-  return t.npy_apart ? kNoNode : derived_base_ + 2 * n.tensor() + 1;
+  return derived(n.tensor(), slot % 3 == 1 ? NameSuffix::Json : NameSuffix::Npy);
 }
 
 NodeIndex TensorCatalog::sidecar_node(std::uint32_t tensor) const {
-  if (!tensors_[tensor].sidecar_apart) return derived_base_ + 2 * tensor;
-  return apart_.at(2 * tensor);
+  const NodeIndex d = derived(tensor, NameSuffix::Json);
+  return d != kNoNode ? d : apart_.at(2 * tensor);
 }
 
 NodeIndex TensorCatalog::npy_node(std::uint32_t tensor) const {
-  if (!tensors_[tensor].npy_apart) return derived_base_ + 2 * tensor + 1;
-  return apart_.at(2 * tensor + 1);
+  const NodeIndex d = derived(tensor, NameSuffix::Npy);
+  return d != kNoNode ? d : apart_.at(2 * tensor + 1);
 }
 
 std::string TensorCatalog::relative_path(NodeIndex i) const {
   const std::string_view suffix = suffix_text(node(i).suffix);
+  // A derived file's path is its raw file's, plus the suffix.
+  const NodeIndex stored = i < derived_base_ ? i : tensors_[(i - derived_base_) / 2].data_node;
   std::size_t size = suffix.size();
-  for (NodeIndex n = i < derived_base_ ? i : tensors_[(i - derived_base_) / 2].data_node;
-       n != kRoot && n != kNoNode; n = nodes_[n].parent)
+  for (NodeIndex n = stored; n != kRoot && n != kNoNode; n = nodes_[n].parent)
     size += nodes_[n].stem().size() + 1;
   if (size == 0) return {};
   // Filled from the end: the walk goes from the file up to the root.
   std::string out(size - 1, '/');
   std::size_t end = out.size() - suffix.size();
   std::memcpy(out.data() + end, suffix.data(), suffix.size());
-  for (NodeIndex n = i < derived_base_ ? i : tensors_[(i - derived_base_) / 2].data_node;
-       n != kRoot && n != kNoNode; n = nodes_[n].parent) {
+  for (NodeIndex n = stored; n != kRoot && n != kNoNode; n = nodes_[n].parent) {
     const Node& node = nodes_[n];
     const std::string_view stem = node.stem();
     end -= stem.size();

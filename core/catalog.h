@@ -332,6 +332,8 @@ class TensorCatalog {
   std::vector<NodeIndex>& children_of(NodeIndex dir) { return children_[nodes_[dir].ref]; }
   // |k|: 2 * tensor (+ 1 for the view) from derived_base_.
   Node derived_node(std::size_t k) const;
+  // The derived sidecar (Json) or view (Npy) of |tensor|; kNoNode when a clash stored it apart.
+  NodeIndex derived(std::uint32_t tensor, NameSuffix suffix) const;
 
   std::unique_ptr<CatalogArena> arena_ = std::make_unique<CatalogArena>();
   // Merged catalogs keep their parts' arenas alive (their views are moved, not copied).

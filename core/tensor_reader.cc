@@ -11,6 +11,22 @@
 
 namespace ckptfs {
 
+void TensorReader::check_range(const TensorInfo& t, std::uint64_t offset,
+                               std::uint64_t length) const {
+  if (!t.error().empty()) throw FormatError(std::string(t.error()));
+  if (offset > t.nbytes() || length > t.nbytes() - offset) {
+    throw FormatError(fmt::format("read past the end of tensor '{}'", catalog_.path_of(t)));
+  }
+}
+
+std::uint32_t TensorReader::swap_unit(const TensorInfo& t) {
+  return t.dtype().is_complex ? t.dtype().itemsize / 2 : t.dtype().itemsize;
+}
+
+bool TensorReader::transformed(const TensorInfo& t) const {
+  return (catalog_.big_endian() && swap_unit(t) > 1) || t.conj || t.neg;
+}
+
 void TensorReader::gather(const TensorInfo& t, const TensorLayout& layout, std::uint64_t offset,
                           std::span<std::byte> dst) const {
   const std::uint64_t base = catalog_.storages()[t.storage].offset;
@@ -38,12 +54,8 @@ bool TensorReader::pin_pieces(const TensorInfo& t, std::uint64_t offset, std::ui
                               std::vector<BlockCache::Pin>& pins,
                               std::vector<std::span<const std::byte>>& pieces,
                               std::size_t max_pieces) const {
-  if (!t.error().empty()) throw FormatError(std::string(t.error()));
-  if (offset > t.nbytes() || length > t.nbytes() - offset) {
-    throw FormatError(fmt::format("read past the end of tensor '{}'", catalog_.path_of(t)));
-  }
-  const std::uint32_t unit = t.dtype().is_complex ? t.dtype().itemsize / 2 : t.dtype().itemsize;
-  if ((catalog_.big_endian() && unit > 1) || t.conj || t.neg) return false;
+  check_range(t, offset, length);
+  if (transformed(t)) return false;
   const std::size_t first_pin = pins.size();
   const std::size_t first_piece = pieces.size();
   const std::uint64_t base = catalog_.storages()[t.storage].offset;
@@ -83,19 +95,16 @@ bool TensorReader::pin_pieces(const TensorInfo& t, std::uint64_t offset, std::ui
 }
 
 void TensorReader::read(const TensorInfo& t, std::uint64_t offset, std::span<std::byte> dst) const {
-  if (!t.error().empty()) throw FormatError(std::string(t.error()));
-  if (offset > t.nbytes() || dst.size() > t.nbytes() - offset) {
-    throw FormatError(fmt::format("read past the end of tensor '{}'", catalog_.path_of(t)));
-  }
+  check_range(t, offset, dst.size());
   const TensorLayout layout = t.layout();
-  const std::uint32_t itemsize = t.dtype().itemsize;
-  const bool complex = t.dtype().is_complex;
-  const std::uint32_t unit = complex ? itemsize / 2 : itemsize;
-  const bool swap = catalog_.big_endian() && unit > 1;
-  if (!swap && !t.conj && !t.neg) {
+  if (!transformed(t)) {
     gather(t, layout, offset, dst);
     return;
   }
+  const std::uint32_t itemsize = t.dtype().itemsize;
+  const bool complex = t.dtype().is_complex;
+  const std::uint32_t unit = swap_unit(t);
+  const bool swap = catalog_.big_endian() && unit > 1;
   // Transform whole elements: widen the range to element boundaries, then copy the asked part.
   const std::uint64_t first = offset - offset % itemsize;
   const std::uint64_t end = offset + dst.size();

@@ -31,6 +31,12 @@ class TensorReader {
                   std::vector<std::span<const std::byte>>& pieces, std::size_t max_pieces) const;
 
  private:
+  // Throws what read() documents: the tensor has an error, or the range is not in its file.
+  void check_range(const TensorInfo& t, std::uint64_t offset, std::uint64_t length) const;
+  // The bytes a big-endian swap reverses: the element, or each half of a complex one.
+  static std::uint32_t swap_unit(const TensorInfo& t);
+  // Whether the served bytes differ from the stored ones (byte swap, math bits).
+  bool transformed(const TensorInfo& t) const;
   void gather(const TensorInfo& t, const TensorLayout& layout, std::uint64_t offset,
               std::span<std::byte> dst) const;
 

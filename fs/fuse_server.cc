@@ -309,13 +309,8 @@ void reply_tensor(MountState& s, fuse_req_t req, fuse_ino_t ino, const TensorInf
     return;
   }
   std::span<std::byte> buffer = reply_buffer(len);
-  std::size_t done = 0;
-  if (start < header.size()) {
-    done = std::min<std::size_t>(len, header.size() - static_cast<std::size_t>(start));
-    std::memcpy(buffer.data(), header.data() + start, done);
-  }
-  if (done < len)
-    s.reader.read(t, start + done - header.size(), std::span(buffer.data() + done, len - done));
+  if (in_header > 0) std::memcpy(buffer.data(), header.data() + start, in_header);
+  s.reader.read(t, start + in_header - header.size(), buffer.subspan(in_header));
   if (fuse_reply_buf(req, reinterpret_cast<const char*>(buffer.data()), len) == 0)
     account_reply(s, ino, start, len);
 }
