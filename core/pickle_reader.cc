@@ -265,6 +265,54 @@ ValueId PickleReader::push_scalar(Value v) {
   return *slot;
 }
 
+bool PickleReader::is_shared_scalar(ValueId id) const {
+  const Value& v = arena_[id];
+  switch (v.kind) {
+    case ValueKind::None:
+      return id == none_;
+    case ValueKind::Bool:
+      return id == true_ || id == false_;
+    case ValueKind::Int:
+      return v.integer >= -kSmallIntBias && v.integer < kSmallIntLimit && !small_ints_.empty() &&
+             small_ints_[static_cast<std::size_t>(v.integer + kSmallIntBias)] == id;
+    default:
+      return false;
+  }
+}
+
+std::size_t PickleReader::TupleKeyHash::operator()(
+    const std::array<ValueId, kMaxSharedTuple>& k) const {
+  std::uint64_t h = 0x9E3779B97F4A7C15u;
+  for (ValueId id : k) h = (h ^ id) * 0x100000001B3u;
+  return static_cast<std::size_t>(h ^ (h >> 29));
+}
+
+// Tuples are immutable (no opcode changes one: SETITEMS, APPENDS, ADDITEMS and BUILD refuse or
+// ignore them), so equal short tuples of shared scalars can be one value. Every tensor pickles
+// a shape, a stride and an empty hooks tuple that are mostly alike: without this they are 30 %
+// of a many-tensor checkpoint's values.
+ValueId PickleReader::push_tuple(std::vector<ValueId> items) {
+  std::array<ValueId, kMaxSharedTuple> key;
+  key.fill(kNoValue);
+  bool shareable = items.size() <= kMaxSharedTuple;
+  for (std::size_t i = 0; shareable && i < items.size(); ++i) {
+    shareable = is_shared_scalar(items[i]);
+    key[i] = items[i];
+  }
+  if (shareable) {
+    if (auto it = shared_tuples_.find(key); it != shared_tuples_.end()) {
+      push(it->second);
+      return it->second;
+    }
+  }
+  Value v;
+  v.kind = ValueKind::Tuple;
+  v.items = std::move(items);
+  ValueId id = push_new(std::move(v));
+  if (shareable) shared_tuples_.emplace(key, id);
+  return id;
+}
+
 ValueId PickleReader::push_new(Value v) {
   ValueId id = arena_.add(std::move(v));
   push(id);
@@ -439,9 +487,10 @@ void PickleReader::append_items(ValueId target, std::span<const ValueId> items) 
 }
 
 void PickleReader::memo_put(std::uint64_t index, ValueId id) {
-  // Python's pickler numbers memo entries densely, so an index far beyond the values built so
-  // far is a bomb (a 10-byte pickle asking for a 64 MiB memo), not a checkpoint.
-  if (index >= limits_.max_memo || index > arena_.size() + 65536)
+  // Python's pickler numbers memo entries densely, so an index far beyond the entries stored so
+  // far is a bomb (a 10-byte pickle asking for a 64 MiB memo), not a checkpoint. (Not the count
+  // of values: shared tuples are memoized again and again as one value.)
+  if (index >= limits_.max_memo || index > memo_count_ + 65536)
     fail(fmt::format("memo index {} is too large", index));
   if (index >= memo_.size())
     memo_.resize(std::max<std::size_t>(index + 1, memo_.size() * 2), kNoValue);
@@ -634,19 +683,24 @@ ValueId PickleReader::read() {
       case ']':
       case '}':
       case 0x8f: {  // EMPTY_TUPLE / EMPTY_LIST / EMPTY_DICT / EMPTY_SET
+        if (op == ')') {
+          push_tuple({});
+          break;
+        }
         Value v;
-        v.kind = op == ')'   ? ValueKind::Tuple
-                 : op == ']' ? ValueKind::List
-                 : op == '}' ? ValueKind::Dict
-                             : ValueKind::Set;
+        v.kind = op == ']' ? ValueKind::List : op == '}' ? ValueKind::Dict : ValueKind::Set;
         push_new(std::move(v));
         break;
       }
       case 't':
       case 'l':
       case 0x91: {  // TUPLE / LIST / FROZENSET
+        if (op == 't') {
+          push_tuple(pop_mark());
+          break;
+        }
         Value v;
-        v.kind = op == 't' ? ValueKind::Tuple : op == 'l' ? ValueKind::List : ValueKind::Set;
+        v.kind = op == 'l' ? ValueKind::List : ValueKind::Set;
         v.items = pop_mark();
         push_new(std::move(v));
         break;
@@ -655,11 +709,9 @@ ValueId PickleReader::read() {
       case 0x86:
       case 0x87: {  // TUPLE1..3
         std::size_t n = static_cast<std::size_t>(op - 0x84);
-        Value v;
-        v.kind = ValueKind::Tuple;
-        v.items.resize(n);
-        for (std::size_t i = n; i-- > 0;) v.items[i] = pop();
-        push_new(std::move(v));
+        std::vector<ValueId> items(n);
+        for (std::size_t i = n; i-- > 0;) items[i] = pop();
+        push_tuple(std::move(items));
         break;
       }
       case 'd': {  // DICT

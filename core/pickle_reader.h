@@ -6,6 +6,7 @@
 // look like containers. Every size and count is bounded; violations throw FormatError.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -51,6 +52,8 @@ class PickleReader {
 
   ValueId push_new(Value v);
   ValueId push_scalar(Value v);
+  ValueId push_tuple(std::vector<ValueId> items);
+  bool is_shared_scalar(ValueId id) const;
   void push(ValueId id);
   ValueId pop();
   ValueId top();
@@ -81,6 +84,12 @@ class PickleReader {
   ValueId none_ = kNoValue;
   ValueId true_ = kNoValue;
   ValueId false_ = kNoValue;
+  // Shared short tuples of shared scalars, by their items (unused slots kNoValue).
+  static constexpr std::size_t kMaxSharedTuple = 4;
+  struct TupleKeyHash {
+    std::size_t operator()(const std::array<ValueId, kMaxSharedTuple>& k) const;
+  };
+  std::unordered_map<std::array<ValueId, kMaxSharedTuple>, ValueId, TupleKeyHash> shared_tuples_;
 };
 
 // Decimal digits of a little-endian two's-complement integer of any length.

@@ -2,6 +2,7 @@
 // is above each one); the expectations follow from Python's semantics, not from this reader.
 #include "pickle_reader.h"
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <random>
@@ -85,6 +86,16 @@ const std::string kUnicodeP0 = unhex("5668e96c6c6f205c7532363033205c553030303166
 // l = []; l.append(l); pickle.dumps(l, protocol=2)
 const std::string kRecursiveList = unhex("80025d71006800612e");
 // pickle.dumps([0.1, -1e300, float('inf')], protocol=0)
+// a = tuple([1024]); b = tuple([1024])  (two objects)
+// pickle.dumps([a, b, (), (1, 2), (1, 'x'), (1, 2, 3, 4, 5), [1], [1], (None, True)], protocol=2)
+const std::string kTuplesP2 = unhex(
+    "80025d7100284d00048571014d0004857102294b014b028671034b015801000000787104867105284b014b024b034b"
+    "044b057471065d71074b01615d71084b01614e88867109652e");
+// The same with protocol=0 (MARK ... TUPLE only).
+const std::string kTuplesP0 = unhex(
+    "286c70300a2849313032340a7470310a612849313032340a7470320a612874612849310a49320a7470330a61284931"
+    "0a56780a70340a7470350a612849310a49320a49330a49340a49350a7470360a61286c70370a49310a6161286c7038"
+    "0a49310a6161284e4930310a7470390a612e");
 const std::string kFloatsP0 = unhex("286c70300a46302e310a61462d31652b3330300a6146696e660a612e");
 
 struct Parsed {
@@ -140,6 +151,74 @@ TEST_CASE("the memo shares one object between references") {
   Parsed p = parse(kMemoShared);
   REQUIRE(p.root_value().items.size() == 2);
   CHECK(p.root_value().items[0] == p.root_value().items[1]);
+}
+
+TEST_CASE("tuples decode by content; equal short tuples of small scalars are one value") {
+  for (const std::string* bytes : {&kTuplesP2, &kTuplesP0}) {
+    Parsed p = parse(*bytes);
+    const auto& top = p.root_value().items;
+    REQUIRE(top.size() == 9);
+    auto ints = [&](ValueId t) {
+      std::vector<std::int64_t> out;
+      for (ValueId i : p[t].items) out.push_back(p[i].integer);
+      return out;
+    };
+    for (std::size_t i : {0, 1, 2, 3, 4, 5, 8}) CHECK(p[top[i]].kind == ValueKind::Tuple);
+    CHECK(ints(top[0]) == std::vector<std::int64_t>{1024});
+    CHECK(ints(top[1]) == std::vector<std::int64_t>{1024});
+    CHECK(p[top[2]].items.empty());
+    CHECK(ints(top[3]) == std::vector<std::int64_t>{1, 2});
+    REQUIRE(p[top[4]].items.size() == 2);
+    CHECK(p[p[top[4]].items[1]].text == "x");
+    CHECK(ints(top[5]) == std::vector<std::int64_t>{1, 2, 3, 4, 5});
+    REQUIRE(p[top[8]].items.size() == 2);
+    CHECK(p[p[top[8]].items[0]].kind == ValueKind::None);
+    CHECK(p[p[top[8]].items[1]].boolean);
+    // Two distinct but equal tuples of small ints share a value (tuples are immutable)...
+    CHECK(top[0] == top[1]);
+    // ... unlike lists, which APPEND may change, and tuples holding anything else.
+    CHECK(p[top[6]].kind == ValueKind::List);
+    CHECK(top[6] != top[7]);
+    CHECK(top[4] != top[3]);
+  }
+}
+
+TEST_CASE("70,000 equal tuples: one value, memoized 70,000 times") {
+  // Byte for byte what CPython 3.11 writes for
+  // pickle.dumps([tuple([1]) for _ in range(70000)], protocol=2) (checked against it): the
+  // memo numbers each tuple although the reader keeps one, so the memo outgrows the values.
+  std::string bytes = unhex("80025d7100");
+  std::uint32_t memo = 1;
+  for (int start = 0; start < 70000; start += 1000) {
+    bytes += '(';
+    for (int i = start; i < std::min(start + 1000, 70000); ++i, ++memo) {
+      bytes += unhex("4b0185");  // BININT1 1, TUPLE1
+      if (memo < 256) {
+        bytes += 'q';
+        bytes += static_cast<char>(memo);
+      } else {
+        bytes += 'r';
+        for (int b = 0; b < 4; ++b) bytes += static_cast<char>((memo >> (8 * b)) & 0xFF);
+      }
+    }
+    bytes += 'e';  // APPENDS
+  }
+  bytes += '.';
+  REQUIRE(bytes.size() == 559381);
+  Parsed p = parse(bytes);
+  const auto& items = p.root_value().items;
+  REQUIRE(items.size() == 70000);
+  CHECK(p[items.front()].items.size() == 1);
+  CHECK(p[p[items.front()].items[0]].integer == 1);
+  CHECK(std::all_of(items.begin(), items.end(), [&](ValueId v) { return v == items.front(); }));
+  CHECK(p.arena.size() < 10);
+}
+
+TEST_CASE("a shared tuple stays a tuple: appending to one is refused") {
+  // (1,) then APPEND 2 to it: Python raises (a tuple has no append); so must the reader, or
+  // every other (1,) would change.
+  const std::string bytes = unhex("80024b01854b02612e");
+  CHECK_THROWS_AS(parse(bytes), FormatError);
 }
 
 TEST_CASE("integers of every width, including beyond int64") {
