@@ -46,8 +46,8 @@ NodeIndex TensorCatalog::lookup(NodeIndex dir, std::string_view name) const {
 
 NodeIndex TensorCatalog::derived(std::uint32_t tensor, NameSuffix suffix) const {
   const TensorInfo& t = tensors_[tensor];
-  if (suffix == NameSuffix::Json) return t.sidecar_apart ? kNoNode : derived_base_ + 2 * tensor;
-  return t.npy_apart ? kNoNode : derived_base_ + 2 * tensor + 1;
+  if (suffix == NameSuffix::Json) return t.sidecar_apart ? kNoNode : derived_base() + 2 * tensor;
+  return t.npy_apart ? kNoNode : derived_base() + 2 * tensor + 1;
 }
 
 Node TensorCatalog::derived_node(std::size_t k) const {
@@ -78,7 +78,7 @@ NodeIndex TensorCatalog::npy_node(std::uint32_t tensor) const {
 std::string TensorCatalog::relative_path(NodeIndex i) const {
   const std::string_view suffix = suffix_text(node(i).suffix);
   // A derived file's path is its raw file's, plus the suffix.
-  const NodeIndex stored = i < derived_base_ ? i : tensors_[(i - derived_base_) / 2].data_node;
+  const NodeIndex stored = i < derived_base() ? i : tensors_[(i - derived_base()) / 2].data_node;
   std::size_t size = suffix.size();
   for (NodeIndex n = stored; n != kRoot && n != kNoNode; n = nodes_[n].parent)
     size += nodes_[n].stem().size() + 1;
@@ -107,8 +107,7 @@ NodeIndex TensorCatalog::add_node(NodeKind kind, NodeIndex parent, std::string_v
   n.ref = ref;
   n.kind = kind;
   nodes_.push_back(n);
-  derived_base_ = static_cast<NodeIndex>(nodes_.size());
-  return derived_base_ - 1;
+  return static_cast<NodeIndex>(nodes_.size() - 1);
 }
 
 NodeIndex TensorCatalog::add_directory(NodeIndex parent, std::string_view name) {
@@ -332,7 +331,6 @@ void TensorCatalog::finish() {
             meta);
   arena_->stop_interning();
   sidecar_sizes_ = std::vector<std::atomic<std::uint32_t>>(tensors_.size());
-  derived_base_ = static_cast<NodeIndex>(nodes_.size());
 }
 
 std::uint64_t TensorCatalog::generated_size(NodeIndex i) const {

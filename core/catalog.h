@@ -243,13 +243,13 @@ class TensorCatalog {
   // Nodes are numbered 0 .. node_count() - 1: the stored ones, then two derived ones (sidecar,
   // view) per tensor. Returned by value: a derived node is made on the spot.
   Node node(NodeIndex i) const {
-    return i < derived_base_ ? nodes_[i] : derived_node(i - derived_base_);
+    return i < derived_base() ? nodes_[i] : derived_node(i - derived_base());
   }
-  std::size_t node_count() const { return derived_base_ + 2 * tensors_.size(); }
+  std::size_t node_count() const { return derived_base() + 2 * tensors_.size(); }
   // A directory's stored entries, sorted by name (derived files are not among them: see
   // entry()).
   std::span<const NodeIndex> children(NodeIndex dir) const {
-    if (dir >= derived_base_ || nodes_[dir].kind != NodeKind::Directory) return {};
+    if (dir >= derived_base() || nodes_[dir].kind != NodeKind::Directory) return {};
     return children_[nodes_[dir].ref];
   }
   // A directory's listing: slot 3k is its k-th child, 3k+1 and 3k+2 that child's derived
@@ -262,7 +262,7 @@ class TensorCatalog {
   NodeIndex npy_node(std::uint32_t tensor) const;
   // A JsonValue file's content.
   std::string_view text(NodeIndex i) const {
-    if (i >= derived_base_ || nodes_[i].kind != NodeKind::JsonValue) return {};
+    if (i >= derived_base() || nodes_[i].kind != NodeKind::JsonValue) return {};
     return texts_[nodes_[i].ref];
   }
   NodeIndex lookup(NodeIndex dir, std::string_view name) const;
@@ -330,7 +330,9 @@ class TensorCatalog {
   NodeIndex add_directory(NodeIndex parent, std::string_view name);
   NodeIndex add_json(NodeIndex parent, std::string_view name, std::string text);
   std::vector<NodeIndex>& children_of(NodeIndex dir) { return children_[nodes_[dir].ref]; }
-  // |k|: 2 * tensor (+ 1 for the view) from derived_base_.
+  // The first derived node's index: derived nodes are numbered after the stored ones.
+  NodeIndex derived_base() const { return static_cast<NodeIndex>(nodes_.size()); }
+  // |k|: 2 * tensor (+ 1 for the view) from derived_base().
   Node derived_node(std::size_t k) const;
   // The derived sidecar (Json) or view (Npy) of |tensor|; kNoNode when a clash stored it apart.
   NodeIndex derived(std::uint32_t tensor, NameSuffix suffix) const;
@@ -339,8 +341,6 @@ class TensorCatalog {
   // Merged catalogs keep their parts' arenas alive (their views are moved, not copied).
   std::vector<std::unique_ptr<CatalogArena>> part_arenas_;
   std::vector<Node> nodes_;
-  // The first derived node's index: nodes_.size(), kept by add_node() and finish().
-  NodeIndex derived_base_ = 0;
   // Sidecars and views stored apart (renamed by a clash): 2 * tensor (+ 1 for a view) -> node.
   std::unordered_map<std::uint32_t, NodeIndex> apart_;
   std::vector<std::vector<NodeIndex>> children_;  // by Directory node's ref
