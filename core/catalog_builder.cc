@@ -26,8 +26,6 @@ bool is_tensor_function(const std::string& name) {
          name == "torch._utils._rebuild_device_tensor_from_cpu_tensor";
 }
 
-// The size stat reports, even for a tensor that turns out to be unservable (whose open then
-// fails with EIO): 0 only when the shape itself is nonsense.
 // ('storage', type, key, location, numel[, view]) — the only persistent ids that are data.
 // Legacy whole-module pickles also persist classes as ('module', cls, file, source).
 bool is_storage_pid(const ValueArena& a, ValueId ref) {
@@ -522,8 +520,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   for (Pending& p : entries) {
     if (p.what != Pending::Json) {
       const KeyPart& k = p.child->key;
-      p.primary = claim(
-          k.is_number() ? escape_name(fmt::format("{}", k.number())) : escape_name(k.text()), "");
+      p.primary = claim(escape_name(k.str()), "");
     }
   }
   std::string dir_prefix = catalog_.relative_path(dir);
@@ -572,9 +569,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
         catalog_.texts_[catalog_.nodes_[n].ref] = describe(p, catalog_.relative_path(n), parts);
       }
     } else {
-      std::string_view name =
-          claim(k.is_number() ? escape_name(fmt::format("{}", k.number())) : escape_name(k.text()),
-                ".json");
+      std::string_view name = claim(escape_name(k.str()), ".json");
       NodeIndex n = add_json(name, "");
       catalog_.texts_[catalog_.nodes_[n].ref] = p.special.empty()
                                                     ? render_json(p.child->value)
