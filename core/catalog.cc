@@ -3,10 +3,12 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 #include "errors.h"
 #include "json_text.h"
+#include "zip_directory.h"
 
 namespace ckptfs {
 
@@ -127,6 +129,7 @@ std::size_t TensorCatalog::metadata_bytes() const {
                   locations_.capacity() * sizeof(std::string_view) +
                   children_.capacity() * sizeof(children_[0]) + listed_.capacity() * 4 +
                   tensor_parts_.capacity() * 4 + sidecar_sizes_.size() * 4 +
+                  resolved_offsets_.size() * 8 +
                   apart_.size() * (sizeof(std::pair<std::uint32_t, NodeIndex>) + 16);
   for (const auto& a : part_arenas_) n += a->bytes_reserved();
   for (const auto& c : children_) n += c.capacity() * sizeof(NodeIndex);
@@ -135,6 +138,61 @@ std::size_t TensorCatalog::metadata_bytes() const {
 }
 
 std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
+  return render_sidecar(t, true);
+}
+
+void TensorCatalog::append_file_offset(std::string& out, std::uint32_t i, bool resolve) const {
+  const StorageInfo& s = storages_[i];
+  if (!s.offset_is_local_header()) {
+    out += fmt::format("{}", s.offset);
+    return;
+  }
+  // Right-aligned to the width of the largest offset the header allows, so that the sidecar's
+  // size is known without reading the header (stat of every sidecar in a big directory would
+  // otherwise read the whole checkpoint). JSON allows the blanks.
+  const std::uint64_t largest =
+      s.offset + LocalHeaderRef::kSize + s.record().size() + s.max_local_extra();
+  const std::size_t width = std::max<std::size_t>(4, fmt::formatted_size("{}", largest));
+  if (!resolve) {
+    out.append(width, ' ');
+    return;
+  }
+  try {
+    out += fmt::format("{:>{}}", data_offset(i), width);
+  } catch (const CkptError&) {
+    out += fmt::format("{:>{}}", "null", width);  // reads of the tensor fail and say why
+  }
+}
+
+void TensorCatalog::set_source_reader(SourceReader reader) {
+  source_reader_ = std::move(reader);
+  if (resolved_offsets_.size() != storages_.size()) {
+    resolved_offsets_ = std::vector<std::atomic<std::uint64_t>>(storages_.size());
+  }
+}
+
+std::uint64_t TensorCatalog::data_offset(std::uint32_t i) const {
+  const StorageInfo& s = storages_[i];
+  if (!s.offset_is_local_header()) return s.offset;
+  if (i >= resolved_offsets_.size() || !source_reader_) {
+    throw FormatError("internal error: a zip local header is read before the catalog has a source");
+  }
+  std::atomic<std::uint64_t>& known = resolved_offsets_[i];
+  if (std::uint64_t at = known.load(std::memory_order_acquire); at != 0) return at;
+  // Two threads may both read the header; they store the same value.
+  std::array<std::byte, LocalHeaderRef::kSize> header{};
+  source_reader_(s.offset, header);
+  LocalHeaderRef ref;
+  ref.offset = s.offset;
+  const std::string record = s.record();
+  ref.name_size = static_cast<std::uint16_t>(record.size());
+  ref.max_extra = s.max_local_extra();
+  const std::uint64_t at = data_offset_from_local_header(header, ref, record);
+  known.store(at, std::memory_order_release);
+  return at;
+}
+
+std::string TensorCatalog::render_sidecar(const TensorInfo& t, bool resolve) const {
   std::string out = "{\n  \"key\": ";
   append_json_key(out, t.key());
   out += ",\n  \"path\": ";
@@ -174,8 +232,9 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
     append_json_string(out, s.record());
     out += ",\n    \"location\": ";
     append_json_string(out, location(s));
-    out +=
-        fmt::format(",\n    \"file_offset\": {},\n    \"storage_nbytes\": {}", s.offset, s.nbytes);
+    out += ",\n    \"file_offset\": ";
+    append_file_offset(out, t.storage, resolve);
+    out += fmt::format(",\n    \"storage_nbytes\": {}", s.nbytes);
   }
   out += fmt::format(",\n    \"storage_offset\": {},\n    \"stride\": ", t.storage_offset);
   append_json_int_array(out, t.stride());
@@ -340,7 +399,7 @@ std::uint64_t TensorCatalog::generated_size(NodeIndex i) const {
       std::atomic<std::uint32_t>& cached = sidecar_sizes_[n.tensor()];
       std::uint32_t size = cached.load(std::memory_order_relaxed);
       if (size == 0) {
-        size = static_cast<std::uint32_t>(sidecar_json(tensors_[n.tensor()]).size());
+        size = static_cast<std::uint32_t>(render_sidecar(tensors_[n.tensor()], false).size());
         cached.store(size, std::memory_order_relaxed);
       }
       return size;

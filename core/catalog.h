@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -91,13 +92,28 @@ class StorageInfo {
     record_is_prefix_ = record_is_prefix;
   }
 
-  std::uint64_t offset = 0;  // absolute offset in the checkpoint
+  // The absolute offset of the storage's first byte in the checkpoint; for a zip record whose
+  // local header is not read yet (offset_is_local_header()), that header's offset: use
+  // TensorCatalog::data_offset(), which reads the header on first use.
+  std::uint64_t offset = 0;
   std::uint64_t nbytes = 0;
   // Where torch had it ("cpu", "cuda:0": metadata only), as TensorCatalog::location() gives it.
   std::uint32_t location = 0;
 
+  bool offset_is_local_header() const { return offset_is_local_header_; }
+  // For a local header: the most extra-field bytes it may declare (see LocalHeaderRef). Its
+  // name is record(), and the data is nbytes long.
+  std::uint16_t max_local_extra() const { return max_local_extra_; }
+  void set_local_header(std::uint64_t header_offset, std::uint16_t max_extra) {
+    offset = header_offset;
+    offset_is_local_header_ = true;
+    max_local_extra_ = max_extra;
+  }
+
  private:
   bool record_is_prefix_ = false;
+  bool offset_is_local_header_ = false;
+  std::uint16_t max_local_extra_ = 0;
 };
 static_assert(sizeof(StorageInfo) == 40);
 
@@ -269,6 +285,23 @@ class TensorCatalog {
 
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const std::vector<StorageInfo>& storages() const { return storages_; }
+
+  // Reads checkpoint bytes (offsets as in the storages) for data_offset(): loaders set the
+  // source they read; a mount sets its block cache, so that a header costs no read of its own
+  // (it shares the block of the data after it) and leaves nothing in the page cache. Thread-safe
+  // to call; set it before serving.
+  using SourceReader = std::function<void(std::uint64_t offset, std::span<std::byte> dst)>;
+  void set_source_reader(SourceReader reader);
+  // Where storage |i|'s bytes start. A zip record's local header is read (through the source
+  // reader) on first use and remembered. Thread-safe. Throws FormatError for a header that
+  // disagrees with the central directory, IoError when it cannot be read.
+  std::uint64_t data_offset(std::uint32_t i) const;
+  // Whether data_offset(i) returns without reading anything.
+  bool data_offset_known(std::uint32_t i) const {
+    return !storages_[i].offset_is_local_header() ||
+           (i < resolved_offsets_.size() &&
+            resolved_offsets_[i].load(std::memory_order_acquire) != 0);
+  }
   // The storages' locations ("cpu", "cuda:0": metadata only), each once.
   std::string_view location(const StorageInfo& s) const { return locations_[s.location]; }
   const std::string& format() const { return format_; }
@@ -336,6 +369,9 @@ class TensorCatalog {
   Node derived_node(std::size_t k) const;
   // The derived sidecar (Json) or view (Npy) of |tensor|; kNoNode when a clash stored it apart.
   NodeIndex derived(std::uint32_t tensor, NameSuffix suffix) const;
+  // The sidecar; with |resolve| false, blanks where the file offset goes (same size).
+  std::string render_sidecar(const TensorInfo& t, bool resolve) const;
+  void append_file_offset(std::string& out, std::uint32_t storage, bool resolve) const;
 
   std::unique_ptr<CatalogArena> arena_ = std::make_unique<CatalogArena>();
   // Merged catalogs keep their parts' arenas alive (their views are moved, not copied).
@@ -359,6 +395,10 @@ class TensorCatalog {
   // Sidecar sizes, computed on first stat: stat of every file in a directory of many tensors
   // must not render every sidecar each time. 0 = not yet known.
   mutable std::vector<std::atomic<std::uint32_t>> sidecar_sizes_;
+  SourceReader source_reader_;
+  // data_offset() of storages whose offset is a local header, once read; 0 = not yet (a data
+  // offset is never 0: the header comes first).
+  mutable std::vector<std::atomic<std::uint64_t>> resolved_offsets_;
   mutable std::unique_ptr<std::once_flag> index_once_ = std::make_unique<std::once_flag>();
   mutable std::string index_json_;
 };

@@ -259,7 +259,11 @@ std::uint32_t CatalogBuilder::register_storage(const StorageSpec& s) {
   info.location =
       location_index_.add(location, static_cast<std::uint32_t>(catalog_.locations_.size()), &fresh);
   if (fresh) catalog_.locations_.push_back(location);
-  info.offset = s.offset;
+  if (s.local_header) {
+    info.set_local_header(s.offset, s.max_local_extra);
+  } else {
+    info.offset = s.offset;
+  }
   info.nbytes = s.nbytes;
   const auto index = static_cast<std::uint32_t>(catalog_.storages_.size());
   catalog_.storages_.push_back(info);

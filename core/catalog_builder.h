@@ -21,11 +21,15 @@ namespace ckptfs {
 
 // A storage as a loader finds it; the builder copies it into the catalog (as a StorageInfo).
 struct StorageSpec {
-  std::string key;       // the persistent-id key, e.g. "0"
-  std::string record;    // e.g. "archive/data/0"
-  std::string location;  // e.g. "cpu", "cuda:0" (metadata only)
-  std::uint64_t offset = 0;
+  std::string key;           // the persistent-id key, e.g. "0"
+  std::string record;        // e.g. "archive/data/0"
+  std::string location;      // e.g. "cpu", "cuda:0" (metadata only)
+  std::uint64_t offset = 0;  // or, with |local_header|, the zip local header's
   std::uint64_t nbytes = 0;
+  // The data starts after a zip local header at |offset|, read when first needed (see
+  // StorageInfo::set_local_header); |max_local_extra| bounds its extra field.
+  bool local_header = false;
+  std::uint16_t max_local_extra = 0;
 };
 
 // What a storage persistent id resolves to: a storage of the catalog and the element type of

@@ -94,13 +94,15 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
   std::string().swap(pickle);
 
   std::unique_ptr<SegmentedSource> segmented;  // only when some record is deflated
-  // Storage records are located once per key (their local header is read from the file). The
+  // Storage records are located once per key. A stored record's local header is not read
+  // here: the catalog reads it when the record is first served (LocalHeaderRef says why). The
   // cache keeps 24 bytes per record; the strings of a repeated reference are made again.
   struct Located {
-    std::uint64_t offset = 0;
+    std::uint64_t offset = 0;  // the local header's, unless |deflated|
     std::uint64_t nbytes = 0;
     std::uint32_t error = 0;  // index into |errors|; 0: none
     bool deflated = false;
+    std::uint16_t max_local_extra = 0;
   };
   std::vector<std::string> errors = {""};
   std::unordered_map<std::string_view, Located> by_key;  // keys: texts in |arena|
@@ -129,7 +131,12 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
       const Located& known = it->second;
       r.storage.offset = known.offset;
       r.storage.nbytes = known.nbytes;
-      if (known.deflated) r.storage.record += " (deflated)";
+      if (known.deflated) {
+        r.storage.record += " (deflated)";
+      } else {
+        r.storage.local_header = true;
+        r.storage.max_local_extra = known.max_local_extra;
+      }
       r.error = errors[known.error];
       return r;
     }
@@ -143,15 +150,18 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
           record, e->method);
     } else {
       try {
-        std::uint64_t data = zip.data_offset(*e);
         if (e->method == 8) {
           // Re-zipped by some tool: inflate on demand, behind the same block cache.
+          std::uint64_t data = zip.data_offset(*e);
           if (!segmented) segmented = std::make_unique<SegmentedSource>(source);
           r.storage.offset = segmented->append(
               std::make_unique<InflatedRecord>(source, data, e->compressed_size, e->size, record));
           r.storage.record = record + " (deflated)";
         } else {
-          r.storage.offset = data;
+          const LocalHeaderRef ref = zip.local_header_ref(*e);
+          r.storage.offset = ref.offset;
+          r.storage.local_header = true;
+          r.storage.max_local_extra = ref.max_extra;
         }
         r.storage.nbytes = e->size;
         // torch sizes the storage by the numel it declares, not by the record: a declared size
@@ -167,7 +177,8 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
         r.error = err.what();
       }
     }
-    Located located{r.storage.offset, r.storage.nbytes, 0, e != nullptr && e->method == 8};
+    Located located{r.storage.offset, r.storage.nbytes, 0, e != nullptr && e->method == 8,
+                    r.storage.max_local_extra};
     if (!r.error.empty()) {
       located.error = static_cast<std::uint32_t>(errors.size());
       errors.push_back(r.error);
@@ -335,9 +346,7 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
   return {std::move(catalog), nullptr};
 }
 
-}  // namespace
-
-LoadedCheckpoint load_checkpoint(const ByteSource& source) {
+LoadedCheckpoint load_by_format(const ByteSource& source) {
   std::array<unsigned char, 16> head{};
   std::uint64_t n = std::min<std::uint64_t>(source.size(), head.size());
   if (n == 0) throw FormatError("the file is empty");
@@ -363,6 +372,16 @@ LoadedCheckpoint load_checkpoint(const ByteSource& source) {
   throw FormatError(
       fmt::format("not a PyTorch checkpoint (unrecognised header {:02x} {:02x} {:02x} {:02x})",
                   head[0], n > 1 ? head[1] : 0, n > 2 ? head[2] : 0, n > 3 ? head[3] : 0));
+}
+
+}  // namespace
+
+LoadedCheckpoint load_checkpoint(const ByteSource& source) {
+  LoadedCheckpoint loaded = load_by_format(source);
+  const ByteSource& data = loaded.data ? *loaded.data : source;
+  loaded.catalog.set_source_reader(
+      [&data](std::uint64_t at, std::span<std::byte> dst) { data.read_at(at, dst); });
+  return loaded;
 }
 
 }  // namespace ckptfs

@@ -154,6 +154,10 @@ CheckpointSet::CheckpointSet(const std::vector<std::string>& arguments)
       bases.push_back(combined_->append_ref(source_of(i)));
     catalog_ = TensorCatalog::merge(std::move(parts), bases, names_);
     data_ = combined_.get();
+    // The merged storages' offsets (local headers among them) are offsets in the combined
+    // source.
+    catalog_.set_source_reader(
+        [this](std::uint64_t at, std::span<std::byte> dst) { data_->read_at(at, dst); });
   }
 
   // What the index promised must be there, in the file it names.

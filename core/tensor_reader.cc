@@ -29,7 +29,7 @@ bool TensorReader::transformed(const TensorInfo& t) const {
 
 void TensorReader::gather(const TensorInfo& t, const TensorLayout& layout, std::uint64_t offset,
                           std::span<std::byte> dst) const {
-  const std::uint64_t base = catalog_.storages()[t.storage].offset;
+  const std::uint64_t base = catalog_.data_offset(t.storage);
   std::size_t done = 0;
   // Strided views are many short runs, mostly inside one block: keep that block pinned and
   // copy from it directly instead of taking the cache lock per run.
@@ -55,10 +55,11 @@ bool TensorReader::pin_pieces(const TensorInfo& t, std::uint64_t offset, std::ui
                               std::vector<std::span<const std::byte>>& pieces,
                               std::size_t max_pieces) const {
   check_range(t, offset, length);
-  if (transformed(t)) return false;
+  // Reading a local header may wait for a block: read() does that, holding no pins.
+  if (transformed(t) || !catalog_.data_offset_known(t.storage)) return false;
   const std::size_t first_pin = pins.size();
   const std::size_t first_piece = pieces.size();
-  const std::uint64_t base = catalog_.storages()[t.storage].offset;
+  const std::uint64_t base = catalog_.data_offset(t.storage);
   bool ok = true;
   t.layout().for_each_run(offset, length, [&](std::uint64_t storage_byte, std::uint64_t n) {
     std::uint64_t pos = base + storage_byte;

@@ -27,7 +27,7 @@ constexpr std::size_t kEocdSize = 22;
 constexpr std::size_t kZip64LocatorSize = 20;
 constexpr std::size_t kZip64EndSize = 56;
 constexpr std::size_t kCentralHeaderSize = 46;
-constexpr std::size_t kLocalHeaderSize = 30;
+constexpr std::size_t kLocalHeaderSize = LocalHeaderRef::kSize;
 constexpr std::uint64_t kMaxEntries = 16u << 20;
 
 // libzip calls back into this to read the archive through the ByteSource. A central
@@ -273,25 +273,53 @@ void ZipDirectory::cross_check_with_libzip() const {
   }
 }
 
-std::uint64_t ZipDirectory::data_offset(const ZipEntry& entry) const {
+std::uint64_t data_offset_from_local_header(
+    std::span<const std::byte, LocalHeaderRef::kSize> header, const LocalHeaderRef& ref,
+    std::string_view record) {
+  if (load_le<std::uint32_t>(header.data()) != kLocalHeaderSig) {
+    throw FormatError(fmt::format("zip entry '{}' has a corrupt local header", record));
+  }
+  const auto name_size = load_le<std::uint16_t>(header.data() + 26);
+  const auto extra_size = load_le<std::uint16_t>(header.data() + 28);
+  if (name_size != ref.name_size) {
+    throw FormatError(fmt::format(
+        "zip entry '{}' has a local header whose name length ({}) differs from the central "
+        "directory's ({})",
+        record, name_size, ref.name_size));
+  }
+  if (extra_size > ref.max_extra) {
+    throw FormatError(
+        fmt::format("zip entry '{}' runs past the end of the file (truncated?)", record));
+  }
+  return ref.offset + kLocalHeaderSize + name_size + extra_size;
+}
+
+LocalHeaderRef ZipDirectory::local_header_ref(const ZipEntry& entry) const {
   const std::uint64_t file_size = source_.size();
   if (entry.local_header_offset > file_size ||
       file_size - entry.local_header_offset < kLocalHeaderSize) {
     throw FormatError(fmt::format("zip entry '{}' points outside the file", entry.name));
   }
-  std::array<std::byte, kLocalHeaderSize> h{};
-  libzip_->headers.read(entry.local_header_offset, h);
-  if (load_le<std::uint32_t>(h.data()) != kLocalHeaderSig) {
-    throw FormatError(fmt::format("zip entry '{}' has a corrupt local header", entry.name));
-  }
-  std::uint64_t data = entry.local_header_offset + kLocalHeaderSize +
-                       load_le<std::uint16_t>(h.data() + 26) +
-                       load_le<std::uint16_t>(h.data() + 28);
-  if (data > file_size || entry.compressed_size > file_size - data) {
+  // Room after the fixed header for the name, the extra field and the data.
+  const std::uint64_t room = file_size - entry.local_header_offset - kLocalHeaderSize;
+  if (entry.name.size() > 0xffff || entry.compressed_size > room ||
+      room - entry.compressed_size < entry.name.size()) {
     throw FormatError(
         fmt::format("zip entry '{}' runs past the end of the file (truncated?)", entry.name));
   }
-  return data;
+  LocalHeaderRef ref;
+  ref.offset = entry.local_header_offset;
+  ref.name_size = static_cast<std::uint16_t>(entry.name.size());
+  ref.max_extra = static_cast<std::uint16_t>(
+      std::min<std::uint64_t>(0xffff, room - entry.compressed_size - entry.name.size()));
+  return ref;
+}
+
+std::uint64_t ZipDirectory::data_offset(const ZipEntry& entry) const {
+  const LocalHeaderRef ref = local_header_ref(entry);
+  std::array<std::byte, kLocalHeaderSize> h{};
+  libzip_->headers.read(ref.offset, h);
+  return data_offset_from_local_header(h, ref, entry.name);
 }
 
 std::string ZipDirectory::read_entry(const ZipEntry& entry, std::uint64_t max_bytes) const {

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -27,6 +28,27 @@ struct ZipEntry {
   std::uint16_t method = 0;  // 0 = stored, 8 = deflate, ...
 };
 
+// Where a stored record's data starts is only known from its local header: torch pads that
+// header's extra field so the data is 64-byte aligned, and the central directory does not repeat
+// the padding. Reading every local header at load time means reading the whole checkpoint when
+// its records are small (one header per 4 KiB tensor), so loaders keep this reference instead
+// and resolve it when the record is first read.
+struct LocalHeaderRef {
+  static constexpr std::size_t kSize = 30;  // the fixed part of a local header
+  std::uint64_t offset = 0;                 // of the local header
+  std::uint16_t name_size = 0;              // the central directory's (the local one must match)
+  // The most extra-field bytes the header may declare before the record would run past the end
+  // of the file (capped at the field's 65,535).
+  std::uint16_t max_extra = 0;
+};
+
+// The offset of the record's first data byte, from the kSize bytes of its local header.
+// Throws FormatError (naming |record|) when the header is not a local header, or disagrees
+// with the central directory, or places the data past the end of the file.
+std::uint64_t data_offset_from_local_header(
+    std::span<const std::byte, LocalHeaderRef::kSize> header, const LocalHeaderRef& ref,
+    std::string_view record);
+
 class ZipDirectory {
  public:
   // Throws FormatError if |source| is not a readable zip archive.
@@ -43,6 +65,9 @@ class ZipDirectory {
   // Throws FormatError if the local header is malformed or the data runs past the file.
   // Not thread-safe (headers are read through a read-ahead window); use at load time only.
   std::uint64_t data_offset(const ZipEntry& entry) const;
+  // What data_offset() needs, without reading anything. Throws FormatError when the record
+  // cannot fit in the file whatever its local header says.
+  LocalHeaderRef local_header_ref(const ZipEntry& entry) const;
 
   // The whole (decompressed) content of a small record. Throws FormatError if it is larger
   // than |max_bytes|. Not thread-safe (libzip handles are not); use at load time only.

@@ -174,6 +174,40 @@ class ErrorsTest(unittest.TestCase):
                 self.assertIn("error", json.load(f))
         self.assertIn("tensor 'b'", m.stderr_text)
 
+    def test_corrupt_local_header_gives_eio_on_that_file_only(self):
+        """A record's local header is read when the record is first served, so damage there
+        fails that tensor's reads (EIO, one line in the log) and nothing else."""
+        import struct
+        with zipfile.ZipFile(self.good) as z:
+            header = next(i for i in z.infolist() if i.filename.endswith("/data/1")).header_offset
+        cases = {
+            "signature": (0, b"\0\0\0\0", "corrupt local header"),
+            "name length": (26, struct.pack("<H", 3), "name length"),
+        }
+        for what, (at, patch, contains) in cases.items():
+            with self.subTest(what):
+                bad = self.path("badheader.pt")
+                with open(self.good, "rb") as f:
+                    data = bytearray(f.read())
+                data[header + at:header + at + len(patch)] = patch
+                with open(bad, "wb") as f:
+                    f.write(data)
+                with Mount(bad) as m:
+                    size = os.stat(m.file("b.json")).st_size
+                    with self.assertRaises(OSError) as cm:
+                        with open(m.file("b"), "rb") as f:
+                            f.read()
+                    self.assertEqual(cm.exception.errno, 5)  # EIO
+                    with open(m.file("w"), "rb") as f:
+                        self.assertEqual(f.read(), torch_bytes(self.w))
+                    with open(m.file("b.json"), "rb") as f:
+                        text = f.read()
+                    self.assertEqual(len(text), size)
+                    self.assertIsNone(json.loads(text)["source"]["file_offset"])
+                    self.assertIsNone(m.proc.poll())
+                self.assertIn(contains, m.stderr_text)
+                self.assertIn("read of 'b'", m.stderr_text)
+
     def test_bombs_are_refused_with_one_line(self):
         """Hostile data.pkl payloads in an otherwise valid torch zip (issue #8's bomb list)."""
         depth = 100000

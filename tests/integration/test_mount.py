@@ -140,6 +140,34 @@ class MountedCheckpointTest(unittest.TestCase):
                     # The view adds no blocks: du counts the tensor once.
                     self.assertEqual(os.stat(m.file(e["npy"])).st_blocks, 0)
 
+    def test_sidecar_file_offset_is_where_the_data_starts(self):
+        """file_offset comes from the record's local header, read when first needed: its sidecar
+        is stat-ed before that (the size must not change), then it must name the byte where
+        zipfile says the record's data starts, holding the tensor's bytes."""
+        import struct
+        path = self.paths["lightning"]
+        expected = torch_tensors(torch.load(path, weights_only=False))
+        with zipfile.ZipFile(path) as z, open(path, "rb") as raw:
+            starts = {}
+            for info in z.infolist():
+                raw.seek(info.header_offset)
+                header = raw.read(30)
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                starts[info.filename] = info.header_offset + 30 + name_len + extra_len
+            with Mount(path) as m:
+                entries = m.index()["tensors"]
+                sizes = {e["sidecar"]: os.stat(m.file(e["sidecar"])).st_size for e in entries}
+                for e in entries:
+                    with open(m.file(e["sidecar"]), "rb") as f:
+                        text = f.read()
+                    self.assertEqual(len(text), sizes[e["sidecar"]], e["sidecar"])
+                    source = json.loads(text)["source"]
+                    self.assertEqual(source["file_offset"], starts[source["record"]], e["path"])
+                    t = expected[tuple(e["key"])]
+                    if t.is_contiguous():
+                        raw.seek(source["file_offset"] + source["storage_offset"] * t.element_size())
+                        self.assertEqual(raw.read(len(torch_bytes(t))), torch_bytes(t), e["path"])
+
     def test_xattrs(self):
         with Mount(self.paths["lightning"]) as m:
             f = m.file("optimizer_states/0/state/0/exp_avg")

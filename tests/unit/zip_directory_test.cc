@@ -4,6 +4,7 @@
 #include <unistd.h>
 #include <zip.h>
 
+#include <array>
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <fstream>
@@ -83,6 +84,44 @@ TEST_CASE("stored entries are found at their data offset; deflated ones are deco
   CHECK(dir.read_entry(*dir.find("archive/data.pkl"), 1000) == "pickle bytes");
   CHECK_THROWS_AS(dir.read_entry(*packed, 10000), FormatError);
   dir.release_archive();  // twice is harmless
+}
+
+TEST_CASE("a local header is checked against the central directory and the end of the file") {
+  TempZip tz;
+  tz.kept.reserve(4);
+  zip_t* z = tz.create();
+  tz.add(z, "archive/data.pkl", "pickle bytes", false);
+  tz.add(z, "archive/data/0", std::string(1000, 'x'), false);
+  REQUIRE(zip_close(z) == 0);
+
+  LocalFileSource src(tz.path);
+  ZipDirectory dir(src);
+  const ZipEntry* e = dir.find("archive/data/0");
+  REQUIRE(e != nullptr);
+  const LocalHeaderRef ref = dir.local_header_ref(*e);
+  CHECK(ref.offset == e->local_header_offset);
+  CHECK(ref.name_size == e->name.size());
+  // Only the central directory follows the last record: far less than 64 KiB of room.
+  CHECK(ref.max_extra < 1000);
+  std::array<std::byte, LocalHeaderRef::kSize> h{};
+  src.read_at(ref.offset, h);
+  CHECK(data_offset_from_local_header(h, ref, e->name) == dir.data_offset(*e));
+
+  auto with_u16 = [&](std::size_t at, std::uint16_t v) {
+    std::array<std::byte, LocalHeaderRef::kSize> copy = h;
+    copy[at] = static_cast<std::byte>(v & 0xff);
+    copy[at + 1] = static_cast<std::byte>(v >> 8);
+    return copy;
+  };
+  // An extra field that still leaves room for the data; one byte more runs past the end.
+  CHECK(data_offset_from_local_header(with_u16(28, ref.max_extra), ref, e->name) ==
+        ref.offset + LocalHeaderRef::kSize + ref.name_size + ref.max_extra);
+  CHECK_THROWS_WITH(data_offset_from_local_header(with_u16(28, ref.max_extra + 1), ref, e->name),
+                    Catch::Contains("runs past the end"));
+  CHECK_THROWS_WITH(data_offset_from_local_header(with_u16(26, 3), ref, e->name),
+                    Catch::Contains("name length (3)"));
+  CHECK_THROWS_WITH(data_offset_from_local_header(with_u16(0, 0), ref, e->name),
+                    Catch::Contains("corrupt local header"));
 }
 
 // The central directory's uncompressed size of |name|, rewritten in the file.
