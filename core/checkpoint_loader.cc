@@ -94,19 +94,15 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
   std::string().swap(pickle);
 
   std::unique_ptr<SegmentedSource> segmented;  // only when some record is deflated
-  // Storage records are located once per key. A stored record's local header is not read
-  // here: the catalog reads it when the record is first served (LocalHeaderRef says why). The
-  // cache keeps 24 bytes per record; the strings of a repeated reference are made again.
-  struct Located {
-    std::uint64_t offset = 0;  // the local header's, unless |deflated|
+  // A stored record's local header is not read here: the catalog reads it when the record is
+  // first served (LocalHeaderRef says why), so locating a record is a lookup in the central
+  // directory, repeated for each reference to it (the builder keeps the first). A deflated
+  // record is inflated through a segment of its own, made once per key.
+  struct Inflated {
+    std::uint64_t offset = 0;
     std::uint64_t nbytes = 0;
-    std::uint32_t error = 0;  // index into |errors|; 0: none
-    bool deflated = false;
-    std::uint16_t max_local_extra = 0;
   };
-  std::vector<std::string> errors = {""};
-  std::unordered_map<std::string_view, Located> by_key;  // keys: texts in |arena|
-  by_key.reserve(zip.entries().size());  // at most one storage per record: never rehash
+  std::unordered_map<std::string_view, Inflated> inflated;  // keys: texts in |arena|
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
     ResolvedStorage r;
     const Value& t = arena[pid];
@@ -127,17 +123,10 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
     r.storage.key = key;
     r.storage.record = record;
     r.storage.location = arena[t.items[3]].kind == ValueKind::Str ? arena[t.items[3]].text : "";
-    if (auto it = by_key.find(key); it != by_key.end()) {
-      const Located& known = it->second;
-      r.storage.offset = known.offset;
-      r.storage.nbytes = known.nbytes;
-      if (known.deflated) {
-        r.storage.record += " (deflated)";
-      } else {
-        r.storage.local_header = true;
-        r.storage.max_local_extra = known.max_local_extra;
-      }
-      r.error = errors[known.error];
+    if (auto it = inflated.find(key); it != inflated.end()) {
+      r.storage.offset = it->second.offset;
+      r.storage.nbytes = it->second.nbytes;
+      r.storage.record += " (deflated)";
       return r;
     }
     const ZipEntry* e = zip.find(record);
@@ -177,13 +166,9 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
         r.error = err.what();
       }
     }
-    Located located{r.storage.offset, r.storage.nbytes, 0, e != nullptr && e->method == 8,
-                    r.storage.max_local_extra};
-    if (!r.error.empty()) {
-      located.error = static_cast<std::uint32_t>(errors.size());
-      errors.push_back(r.error);
+    if (r.error.empty() && e->method == 8) {
+      inflated.emplace(key, Inflated{r.storage.offset, r.storage.nbytes});
     }
-    by_key.emplace(key, located);
     return r;
   };
 
