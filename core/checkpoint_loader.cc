@@ -53,13 +53,13 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
   ZipDirectory zip(source);
   if (zip.entries().empty()) throw FormatError("zip archive is empty, not a torch.save checkpoint");
   // torch takes the record prefix from the first entry, whatever the file is called now.
-  const std::string& first = zip.entries().front().name;
+  const std::string_view first = zip.entries().front().name;
   auto slash = first.find('/');
   if (slash == std::string::npos) {
     throw FormatError(
         "zip archive is not a torch.save checkpoint (its first entry has no directory prefix)");
   }
-  const std::string prefix = first.substr(0, slash + 1);
+  const std::string prefix(first.substr(0, slash + 1));
   // TorchScript archives also hold a data.pkl (with __torch__ classes); torch itself tells
   // them apart by constants.pkl.
   if (zip.find(prefix + "constants.pkl") != nullptr) {

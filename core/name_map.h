@@ -29,6 +29,9 @@ class NameMap {
     Slot& s = probe(name, hash_of(name));
     return s.used ? &s.value : nullptr;
   }
+  const V* find(std::string_view name) const {
+    return const_cast<NameMap*>(this)->find(name);  // probing changes nothing
+  }
   // Adds |name| (a view that must outlive the map) with |initial| if it is new; returns its
   // value either way (valid until the next add()), and in |added| whether it was new.
   V& add(std::string_view name, const V& initial = V{}, bool* added = nullptr) {

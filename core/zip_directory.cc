@@ -136,17 +136,17 @@ ZipDirectory::ZipDirectory(const ByteSource& source)
   cross_check_with_libzip();
   by_name_.reserve(entries_.size());
   for (std::size_t i = 0; i < entries_.size(); ++i) {
-    if (!by_name_.emplace(entries_[i].name, i).second) {
-      throw FormatError(fmt::format("zip has two entries named '{}'", entries_[i].name));
-    }
+    bool added = false;
+    by_name_.add(entries_[i].name, static_cast<std::uint32_t>(i), &added);
+    if (!added) throw FormatError(fmt::format("zip has two entries named '{}'", entries_[i].name));
   }
 }
 
 ZipDirectory::~ZipDirectory() = default;
 
 const ZipEntry* ZipDirectory::find(std::string_view name) const {
-  auto it = by_name_.find(name);
-  return it == by_name_.end() ? nullptr : &entries_[it->second];
+  const std::uint32_t* i = by_name_.find(name);
+  return i == nullptr ? nullptr : &entries_[*i];
 }
 
 void ZipDirectory::walk_central_directory() {
@@ -199,16 +199,20 @@ void ZipDirectory::walk_central_directory() {
     throw FormatError(
         fmt::format("zip declares {} entries, more than its directory can hold", count));
   }
-  std::vector<std::byte> cd(cd_size);
-  source_.read_at(cd_offset, cd);
+  // Not zeroed: the read fills it (first touches of fresh memory are what loading costs).
+  const auto cd = std::make_unique_for_overwrite<std::byte[]>(cd_size);
+  source_.read_at(cd_offset, std::span(cd.get(), cd_size));
+  // The names take less than the directory that holds them.
+  names_ = std::make_unique_for_overwrite<char[]>(cd_size);
+  std::size_t names_used = 0;
   entries_.reserve(count);
   std::size_t pos = 0;
   for (std::uint64_t i = 0; i < count; ++i) {
     if (cd_size - pos < kCentralHeaderSize ||
-        load_le<std::uint32_t>(cd.data() + pos) != kCentralHeaderSig) {
+        load_le<std::uint32_t>(cd.get() + pos) != kCentralHeaderSig) {
       throw FormatError(fmt::format("zip central directory entry {} is corrupt", i));
     }
-    const std::byte* h = cd.data() + pos;
+    const std::byte* h = cd.get() + pos;
     ZipEntry e;
     e.method = load_le<std::uint16_t>(h + 10);
     e.compressed_size = load_le<std::uint32_t>(h + 20);
@@ -222,7 +226,13 @@ void ZipDirectory::walk_central_directory() {
       throw FormatError(fmt::format("zip central directory entry {} is truncated", i));
     }
     const std::byte* name = h + kCentralHeaderSize;
-    e.name.assign(reinterpret_cast<const char*>(name), name_len);
+    // Each entry holds its name after a 46-byte header, inside |cd_size|: the names and their
+    // NULs fit in |cd_size| bytes.
+    char* kept = names_.get() + names_used;
+    std::memcpy(kept, name, name_len);
+    kept[name_len] = '\0';
+    names_used += name_len + 1;
+    e.name = std::string_view(kept, name_len);
     // ZIP64 extra field: the 64-bit values follow in a fixed order, present only for the
     // fields whose 32-bit slot is saturated.
     const std::byte* extra = name + name_len;
@@ -350,7 +360,8 @@ std::string ZipDirectory::read_entry(const ZipEntry& entry, std::uint64_t max_by
     throw FormatError(
         fmt::format("zip entry '{}' is compressed and the archive was released", entry.name));
   }
-  zip_int64_t index = zip_name_locate(libzip_->archive, entry.name.c_str(), ZIP_FL_ENC_RAW);
+  // entry.name is NUL-terminated (see ZipEntry).
+  zip_int64_t index = zip_name_locate(libzip_->archive, entry.name.data(), ZIP_FL_ENC_RAW);
   std::unique_ptr<zip_file_t, decltype(&zip_fclose)> f(
       index < 0 ? nullptr : zip_fopen_index(libzip_->archive, index, 0), &zip_fclose);
   if (f == nullptr) {

@@ -13,15 +13,16 @@
 #include <span>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
 #include "byte_source.h"
+#include "name_map.h"
 
 namespace ckptfs {
 
 struct ZipEntry {
-  std::string name;
+  // In the directory's own buffer, NUL-terminated (valid as long as the ZipDirectory).
+  std::string_view name;
   std::uint64_t local_header_offset = 0;
   std::uint64_t compressed_size = 0;
   std::uint64_t size = 0;
@@ -86,9 +87,11 @@ class ZipDirectory {
 
   const ByteSource& source_;
   std::unique_ptr<LibzipState> libzip_;
+  // Every entry's name, NUL-terminated, one after another: one allocation, not one per entry.
+  std::unique_ptr<char[]> names_;
   std::vector<ZipEntry> entries_;
-  // Views into entries_, which never changes after construction.
-  std::unordered_map<std::string_view, std::size_t> by_name_;
+  // Index into entries_ by name (a flat table: no heap node per entry).
+  NameMap<std::uint32_t> by_name_;
 };
 
 }  // namespace ckptfs
