@@ -132,6 +132,8 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
     const ZipEntry* e = zip.find(record);
     if (e == nullptr) {
       r.error = fmt::format("storage record '{}' is missing from the archive", record);
+    } else if (e->encrypted()) {
+      r.error = fmt::format("storage record '{}' is encrypted", record);
     } else if (e->method != 0 && e->method != 8) {
       r.error = fmt::format(
           "storage record '{}' is compressed with zip method {}; only stored and deflated records "

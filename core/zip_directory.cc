@@ -101,10 +101,13 @@ std::string libzip_message(zip_error_t* error) {
 }  // namespace
 
 struct ZipDirectory::LibzipState {
-  explicit LibzipState(const ByteSource& source) : context(source), headers(source) {}
+  explicit LibzipState(const ByteSource& source) : context(source), headers(source) {
+    zip_error_init(&context.error);
+  }
   SourceContext context;
   ReadAhead headers;  // local headers, read in record order by data_offset()
   zip_t* archive = nullptr;
+  bool released = false;
   ~LibzipState() {
     if (archive != nullptr) {
       zip_discard(archive);
@@ -115,7 +118,21 @@ struct ZipDirectory::LibzipState {
 
 ZipDirectory::ZipDirectory(const ByteSource& source)
     : source_(source), libzip_(std::make_unique<LibzipState>(source)) {
-  zip_error_init(&libzip_->context.error);
+  walk_central_directory();
+  by_name_.reserve(entries_.size());
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    bool added = false;
+    by_name_.add(entries_[i].name, static_cast<std::uint32_t>(i), &added);
+    if (!added) throw FormatError(fmt::format("zip has two entries named '{}'", entries_[i].name));
+  }
+}
+
+::zip* ZipDirectory::libzip_archive(const ZipEntry& entry) const {
+  if (libzip_->archive != nullptr) return libzip_->archive;
+  if (libzip_->released) {
+    throw FormatError(
+        fmt::format("zip entry '{}' is compressed and the archive was released", entry.name));
+  }
   zip_error_t error;
   zip_error_init(&error);
   zip_source_t* zs = zip_source_function_create(source_callback, &libzip_->context, &error);
@@ -132,14 +149,8 @@ ZipDirectory::ZipDirectory(const ByteSource& source)
     throw FormatError("not a readable zip archive (" + msg + ")");
   }
   zip_error_fini(&error);
-  walk_central_directory();
   cross_check_with_libzip();
-  by_name_.reserve(entries_.size());
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    bool added = false;
-    by_name_.add(entries_[i].name, static_cast<std::uint32_t>(i), &added);
-    if (!added) throw FormatError(fmt::format("zip has two entries named '{}'", entries_[i].name));
-  }
+  return libzip_->archive;
 }
 
 ZipDirectory::~ZipDirectory() = default;
@@ -170,6 +181,9 @@ void ZipDirectory::walk_central_directory() {
   }
   const std::byte* eocd = tail.data() + eocd_in_tail;
   const std::uint64_t eocd_pos = file_size - tail_len + static_cast<std::uint64_t>(eocd_in_tail);
+  std::uint64_t disk = load_le<std::uint16_t>(eocd + 4);
+  std::uint64_t cd_disk = load_le<std::uint16_t>(eocd + 6);
+  std::uint64_t count_here = load_le<std::uint16_t>(eocd + 8);
   std::uint64_t count = load_le<std::uint16_t>(eocd + 10);
   std::uint64_t cd_size = load_le<std::uint32_t>(eocd + 12);
   std::uint64_t cd_offset = load_le<std::uint32_t>(eocd + 16);
@@ -187,10 +201,17 @@ void ZipDirectory::walk_central_directory() {
       if (load_le<std::uint32_t>(z64.data()) != kZip64EndSig) {
         throw FormatError("zip64 end-of-central-directory record is corrupt");
       }
+      disk = load_le<std::uint32_t>(z64.data() + 16);
+      cd_disk = load_le<std::uint32_t>(z64.data() + 20);
+      count_here = load_le<std::uint64_t>(z64.data() + 24);
       count = load_le<std::uint64_t>(z64.data() + 32);
       cd_size = load_le<std::uint64_t>(z64.data() + 40);
       cd_offset = load_le<std::uint64_t>(z64.data() + 48);
     }
+  }
+  // Split archives (zip -s) keep part of the directory or the data in other files.
+  if (disk != 0 || cd_disk != 0 || count_here != count) {
+    throw FormatError("zip archive is split across several files (multi-disk), not supported");
   }
   if (cd_offset > file_size || cd_size > file_size - cd_offset) {
     throw FormatError("zip central directory lies outside the file");
@@ -214,6 +235,7 @@ void ZipDirectory::walk_central_directory() {
     }
     const std::byte* h = cd.get() + pos;
     ZipEntry e;
+    e.flags = load_le<std::uint16_t>(h + 8);
     e.method = load_le<std::uint16_t>(h + 10);
     e.compressed_size = load_le<std::uint32_t>(h + 20);
     e.size = load_le<std::uint32_t>(h + 24);
@@ -337,6 +359,7 @@ std::string ZipDirectory::read_entry(const ZipEntry& entry, std::uint64_t max_by
     throw FormatError(fmt::format("zip entry '{}' is {} bytes, over the limit of {}", entry.name,
                                   entry.size, max_bytes));
   }
+  if (entry.encrypted()) throw FormatError(fmt::format("zip entry '{}' is encrypted", entry.name));
   // Nothing is allocated on the word of the central directory alone: a 1 KiB file could
   // otherwise claim a 2 GiB data.pkl (found by fuzz_checkpoint).
   if (entry.method == 0) {
@@ -356,17 +379,14 @@ std::string ZipDirectory::read_entry(const ZipEntry& entry, std::uint64_t max_by
         "zip entry '{}' claims {} bytes from {} deflated bytes, more than deflate can produce",
         entry.name, entry.size, entry.compressed_size));
   }
-  if (libzip_->archive == nullptr) {
-    throw FormatError(
-        fmt::format("zip entry '{}' is compressed and the archive was released", entry.name));
-  }
+  zip_t* archive = libzip_archive(entry);
   // entry.name is NUL-terminated (see ZipEntry).
-  zip_int64_t index = zip_name_locate(libzip_->archive, entry.name.data(), ZIP_FL_ENC_RAW);
+  zip_int64_t index = zip_name_locate(archive, entry.name.data(), ZIP_FL_ENC_RAW);
   std::unique_ptr<zip_file_t, decltype(&zip_fclose)> f(
-      index < 0 ? nullptr : zip_fopen_index(libzip_->archive, index, 0), &zip_fclose);
+      index < 0 ? nullptr : zip_fopen_index(archive, index, 0), &zip_fclose);
   if (f == nullptr) {
     throw FormatError(
-        fmt::format("cannot open zip entry '{}': {}", entry.name, zip_strerror(libzip_->archive)));
+        fmt::format("cannot open zip entry '{}': {}", entry.name, zip_strerror(archive)));
   }
   // Grown as bytes arrive (other methods have no useful ratio bound): memory follows what the
   // record really holds, not what it claims.
@@ -390,6 +410,7 @@ void ZipDirectory::release_archive() {
     zip_discard(libzip_->archive);
     libzip_->archive = nullptr;
   }
+  libzip_->released = true;
 }
 
 }  // namespace ckptfs

@@ -208,6 +208,34 @@ class ErrorsTest(unittest.TestCase):
                 self.assertIn(contains, m.stderr_text)
                 self.assertIn("read of 'b'", m.stderr_text)
 
+    def test_encrypted_record_is_not_served(self):
+        """A storage record flagged encrypted in the central directory holds ciphertext: EIO on
+        its tensor (the sidecar says why), never its bytes as data."""
+        with zipfile.ZipFile(self.good) as z:
+            target = next(i for i in z.infolist() if i.filename.endswith("/data/1")).filename
+        with open(self.good, "rb") as f:
+            data = bytearray(f.read())
+        at = data.find(b"PK\x01\x02")
+        while at >= 0:
+            name_len = int.from_bytes(data[at + 28:at + 30], "little")
+            if data[at + 46:at + 46 + name_len] == target.encode():
+                data[at + 8] |= 1
+                break
+            at = data.find(b"PK\x01\x02", at + 4)
+        self.assertGreaterEqual(at, 0)
+        bad = self.path("encrypted.pt")
+        with open(bad, "wb") as f:
+            f.write(data)
+        with Mount(bad) as m:
+            with self.assertRaises(OSError) as cm:
+                with open(m.file("b"), "rb") as f:
+                    f.read()
+            self.assertEqual(cm.exception.errno, 5)
+            with open(m.file("b.json")) as f:
+                self.assertIn("encrypted", json.load(f)["error"])
+            with open(m.file("w"), "rb") as f:
+                self.assertEqual(f.read(), torch_bytes(self.w))
+
     def test_bombs_are_refused_with_one_line(self):
         """Hostile data.pkl payloads in an otherwise valid torch zip (issue #8's bomb list)."""
         depth = 100000

@@ -158,6 +158,55 @@ TEST_CASE("a record claiming more bytes than it can hold is refused before alloc
                     Catch::Contains("more than deflate can produce"));
 }
 
+// |path|'s bytes, changed by |edit| and written back.
+template <class Edit>
+static void edit_file(const std::string& path, Edit edit) {
+  std::string bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  edit(bytes);
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+TEST_CASE("encrypted records and split archives are refused, not misread") {
+  TempZip tz;
+  tz.kept.reserve(4);
+  zip_t* z = tz.create();
+  tz.add(z, "archive/data.pkl", "pickle bytes", false);
+  tz.add(z, "archive/data/0", std::string(100, 'x'), false);
+  REQUIRE(zip_close(z) == 0);
+  std::string original;
+  edit_file(tz.path, [&](std::string& b) { original = b; });
+
+  // Bit 0 of a central directory entry's flags: its bytes are ciphertext.
+  edit_file(tz.path, [](std::string& b) {
+    const std::size_t at = b.find("PK\x01\x02");
+    REQUIRE(at != std::string::npos);
+    REQUIRE(b.compare(at + 46, 16, "archive/data.pkl") == 0);
+    b[at + 8] = static_cast<char>(b[at + 8] | 1);
+  });
+  {
+    LocalFileSource src(tz.path);
+    ZipDirectory dir(src);
+    CHECK(dir.find("archive/data.pkl")->encrypted());
+    CHECK_FALSE(dir.find("archive/data/0")->encrypted());
+    CHECK_THROWS_WITH(dir.read_entry(*dir.find("archive/data.pkl"), 1000),
+                      Catch::Contains("is encrypted"));
+  }
+
+  // The end record says this is disk 1 of a split archive (zip -s).
+  edit_file(tz.path, [&](std::string& b) {
+    b = original;
+    const std::size_t at = b.rfind("PK\x05\x06");
+    REQUIRE(at != std::string::npos);
+    b[at + 4] = 1;
+  });
+  LocalFileSource src(tz.path);
+  CHECK_THROWS_WITH(ZipDirectory(src), Catch::Contains("split across several files"));
+}
+
 TEST_CASE("truncated and non-zip files are FormatErrors") {
   TempZip tz;
   zip_t* z = tz.create();
