@@ -456,8 +456,36 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
   constexpr std::uint8_t kTaken = 1;        // the name is a file's or directory's
   constexpr std::uint8_t kJsonDerived = 2;  // "<name>.json" is the derived sidecar of <name>
   constexpr std::uint8_t kNpyDerived = 4;   // "<name>.npy" is the derived view of <name>
+  // First the name each entry wants: its key, escaped (+ ".json" for a value's file).
+  for (Pending& p : entries) {
+    std::string wanted = escape_name(p.child->key.str());
+    if (p.what == Pending::Json) wanted += ".json";
+    p.primary = keep(wanted);
+  }
+  // Most directories cannot clash: no two entries want one name, no file or directory wants a
+  // name ending in ".json" or ".npy", and no value's "<key>.json" has a file or directory
+  // "<key>" beside it. Then every entry gets the name it wants and every tensor its derived
+  // sidecar and view: one probe per entry, where claiming costs a tensor six (a quarter of
+  // loading 262,144 tensors). Otherwise the names are claimed one by one below.
   NameMap<std::uint8_t> names(entries.size() + 1);
   if (dir == TensorCatalog::kRoot) names.add(".ckptfs") |= kTaken;
+  bool clash = false;
+  for (const Pending& p : entries) {
+    bool added = false;
+    names.add(p.primary, kTaken, &added);
+    clash =
+        clash || !added ||
+        (p.what != Pending::Json && (p.primary.ends_with(".json") || p.primary.ends_with(".npy")));
+  }
+  for (const Pending& p : entries) {
+    if (clash) break;
+    if (p.what == Pending::Json)
+      clash = names.find(p.primary.substr(0, p.primary.size() - 5)) != nullptr;
+  }
+  if (clash) {
+    names = NameMap<std::uint8_t>(entries.size() + 1);
+    if (dir == TensorCatalog::kRoot) names.add(".ckptfs") |= kTaken;
+  }
   auto is_taken = [&](std::string_view name) {
     if (const std::uint8_t* f = names.find(name); f != nullptr && (*f & kTaken) != 0) return true;
     for (auto [ext, bit] : {std::pair{std::string_view(".json"), kJsonDerived},
@@ -522,10 +550,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     return out;
   };
   for (Pending& p : entries) {
-    if (p.what != Pending::Json) {
-      const KeyPart& k = p.child->key;
-      p.primary = claim(escape_name(k.str()), "");
-    }
+    if (clash && p.what != Pending::Json) p.primary = claim(escape_name(p.child->key.str()), "");
   }
   std::string dir_prefix = catalog_.relative_path(dir);
   if (!dir_prefix.empty()) dir_prefix.push_back('/');
@@ -535,8 +560,10 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
       TensorInfo info = p.tensor->info;
       std::string_view sidecar;
       std::string_view npy;
-      info.sidecar_apart = !claim_derived(p.primary, ".json", kJsonDerived, sidecar);
-      info.npy_apart = !claim_derived(p.primary, ".npy", kNpyDerived, npy);
+      if (clash) {
+        info.sidecar_apart = !claim_derived(p.primary, ".json", kJsonDerived, sidecar);
+        info.npy_apart = !claim_derived(p.primary, ".npy", kNpyDerived, npy);
+      }
       auto tensor_index = static_cast<std::uint32_t>(catalog_.tensors_.size());
       auto add_tensor_file = [&](NodeKind kind, std::string_view name) {
         check_node_limit();
@@ -567,13 +594,14 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
       fill_directory(child_dir, p.child->value, key, depth + 1);
       key.pop_back();
       if (!p.special.empty()) {
-        std::string_view name = claim(p.primary, ".json");
+        std::string_view name =
+            clash ? claim(p.primary, ".json") : keep(std::string(p.primary) + ".json");
         std::string parts = catalog_.relative_path(child_dir);
         NodeIndex n = add_json(name, "");
         catalog_.texts_[catalog_.nodes_[n].ref] = describe(p, catalog_.relative_path(n), parts);
       }
     } else {
-      std::string_view name = claim(escape_name(k.str()), ".json");
+      std::string_view name = clash ? claim(escape_name(k.str()), ".json") : p.primary;
       NodeIndex n = add_json(name, "");
       catalog_.texts_[catalog_.nodes_[n].ref] = p.special.empty()
                                                     ? render_json(p.child->value)
