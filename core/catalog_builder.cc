@@ -17,7 +17,7 @@ constexpr int kMaxDepth = 400;
 constexpr std::size_t kMaxNodes = 64u << 20;
 constexpr std::size_t kMaxJsonBytes = 256u << 20;
 
-bool is_tensor_function(const std::string& name) {
+bool is_tensor_function(std::string_view name) {
   return name == "torch._utils._rebuild_tensor_v2" || name == "torch._utils._rebuild_tensor" ||
          name == "torch._utils._rebuild_tensor_v3" || name == "torch._utils._rebuild_parameter" ||
          name == "torch._utils._rebuild_parameter_with_state" ||
@@ -50,7 +50,7 @@ ValueId class_global(const ValueArena& a, ValueId cls) {
 
 // Tensors that have no single raw image: their components (if any) are walked like any
 // object, and a NAME.json says what they are.
-const char* special_tensor_kind(const std::string& fn) {
+const char* special_tensor_kind(std::string_view fn) {
   if (fn == "torch._utils._rebuild_sparse_tensor") return "sparse tensor";
   if (fn == "torch._utils._rebuild_nested_tensor") return "nested tensor";
   if (fn == "torch._utils._rebuild_meta_tensor_no_storage") return "meta tensor (no data)";
@@ -102,7 +102,7 @@ static std::optional<std::vector<std::int64_t>> int_tuple(const ValueArena& a, V
   return out;
 }
 
-std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(const std::string& fn,
+std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(std::string_view fn,
                                                                           ValueId args_id,
                                                                           int depth) {
   if (args_id == kNoValue || depth > 8) return std::nullopt;
@@ -238,7 +238,7 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
   }
   if (val.kind != ValueKind::Object || arena_[val.cls].kind != ValueKind::Global)
     return std::nullopt;
-  const std::string& fn = arena_[val.cls].text;
+  const std::string_view fn = arena_[val.cls].text;
   if (!is_tensor_function(fn)) return std::nullopt;
   return parse_rebuild(fn, val.args, depth);
 }

@@ -69,7 +69,7 @@ class CatalogBuilder {
   }
   // |k| with its text in the arena, sharing |name|'s bytes when they are equal.
   KeyPart stable_key(const KeyPart& k, std::string_view name);
-  std::optional<ParsedTensor> parse_rebuild(const std::string& fn, ValueId args, int depth);
+  std::optional<ParsedTensor> parse_rebuild(std::string_view fn, ValueId args, int depth);
   bool contains_tensor(ValueId v, int depth);
   bool is_container(ValueId v) const;
   std::vector<Child> children_of(ValueId v);

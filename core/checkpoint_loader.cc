@@ -42,7 +42,7 @@ std::variant<StoragePid, std::string> parse_storage_pid(const ValueArena& arena,
   }
   auto dt = dtype_of_storage_class(arena[t.items[1]].text);
   if (!dt) return fmt::format("unknown storage type '{}'", arena[t.items[1]].text);
-  StoragePid p{dt, arena[t.items[2]].text, "", -1, kNoValue};
+  StoragePid p{dt, std::string(arena[t.items[2]].text), "", -1, kNoValue};
   if (arena[t.items[3]].kind == ValueKind::Str) p.location = arena[t.items[3]].text;
   if (arena[t.items[4]].kind == ValueKind::Int) p.numel = arena[t.items[4]].integer;
   if (t.items.size() > 5 && arena[t.items[5]].kind == ValueKind::Tuple) p.view = t.items[5];
@@ -117,9 +117,10 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
       r.error = fmt::format("unknown storage type '{}'", arena[t.items[1]].text);
       return r;
     }
-    const std::string& key = arena[t.items[2]].text;
+    const std::string_view key = arena[t.items[2]].text;
     r.dtype = dt;  // each reference names its own element type
-    std::string record = prefix + "data/" + key;
+    std::string record = prefix + "data/";
+    record += key;
     r.storage.key = key;
     r.storage.record = record;
     r.storage.location = arena[t.items[3]].kind == ValueKind::Str ? arena[t.items[3]].text : "";
@@ -262,7 +263,7 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
   std::uint64_t pos = data_start;
   for (ValueId k : arena[keys].items) {
     if (arena[k].kind != ValueKind::Str) throw FormatError("legacy storage key is not a string");
-    const std::string& key = arena[k].text;
+    const std::string key(arena[k].text);
     auto ref = first_ref.find(key);
     if (ref == first_ref.end())
       throw FormatError(fmt::format("legacy storage '{}' is never referenced", key));

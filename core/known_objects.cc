@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -14,7 +15,7 @@ namespace {
 
 constexpr std::size_t kMaxArrayValues = 100000;
 
-bool is_one_of(const std::string& name, std::initializer_list<const char*> names) {
+bool is_one_of(std::string_view name, std::initializer_list<const char*> names) {
   for (const char* n : names) {
     if (name == n) return true;
   }
@@ -41,11 +42,13 @@ std::optional<NumpyType> numpy_type(const ValueArena& a, ValueId v) {
   if (!a.is_global(o.cls, "numpy.dtype")) return std::nullopt;
   const auto* args = args_of(a, o);
   if (args == nullptr || args->empty() || a[(*args)[0]].kind != ValueKind::Str) return std::nullopt;
-  const std::string& d = a[(*args)[0]].text;
+  const std::string_view d = a[(*args)[0]].text;
   if (d.size() < 2) return std::nullopt;
   NumpyType t;
   t.kind = d[0];
-  t.size = static_cast<std::size_t>(std::atoi(d.c_str() + 1));
+  std::size_t size = 0;  // as atoi: the leading digits, 0 without any
+  std::from_chars(d.data() + 1, d.data() + d.size(), size);
+  t.size = size;
   char order = '|';
   if (o.state != kNoValue && a[o.state].kind == ValueKind::Tuple && a[o.state].items.size() > 1 &&
       a[a[o.state].items[1]].kind == ValueKind::Str && !a[a[o.state].items[1]].text.empty()) {
@@ -53,7 +56,8 @@ std::optional<NumpyType> numpy_type(const ValueArena& a, ValueId v) {
   }
   t.big_endian = order == '>';
   // The values are decoded to numbers, so report the type as numpy loads it: native order.
-  t.descr = std::string(1, t.size > 1 ? '<' : '|') + d;
+  t.descr = std::string(1, t.size > 1 ? '<' : '|');
+  t.descr += d;
   bool known = (t.kind == 'b' && t.size == 1) ||
                ((t.kind == 'i' || t.kind == 'u') &&
                 (t.size == 1 || t.size == 2 || t.size == 4 || t.size == 8)) ||
@@ -127,7 +131,7 @@ std::optional<std::string> numpy_scalar(const ValueArena& a, const Value& o) {
   if (args == nullptr || args->size() != 2 || a[(*args)[1]].kind != ValueKind::Bytes)
     return std::nullopt;
   auto t = numpy_type(a, (*args)[0]);
-  const std::string& raw = a[(*args)[1]].text;
+  const std::string_view raw = a[(*args)[1]].text;
   if (!t || raw.size() != t->size) return std::nullopt;
   std::string out;
   append_scalar(out, *t, reinterpret_cast<const unsigned char*>(raw.data()));
@@ -149,7 +153,7 @@ std::optional<std::string> numpy_array(const ValueArena& a, const Value& o) {
     shape.push_back(static_cast<std::uint64_t>(a[d].integer));
     if (__builtin_mul_overflow(count, shape.back(), &count)) return std::nullopt;
   }
-  const std::string& raw = a[st[4]].text;
+  const std::string_view raw = a[st[4]].text;
   if (count * t->size != raw.size()) return std::nullopt;
   const bool fortran = a[st[3]].kind == ValueKind::Bool && a[st[3]].boolean;
   std::string out = "{\"__ndarray__\": {\"dtype\": ";
@@ -206,7 +210,7 @@ std::optional<std::string> render_known_object(const ValueArena& a, ValueId v) {
   }
   if (val.kind != ValueKind::Object || val.cls == kNoValue || a[val.cls].kind != ValueKind::Global)
     return std::nullopt;
-  const std::string& cls = a[val.cls].text;
+  const std::string_view cls = a[val.cls].text;
   const auto* args = args_of(a, val);
   if (cls == "torch.Size" && args && args->size() == 1 && a[(*args)[0]].kind == ValueKind::Tuple) {
     std::string out = "[";
@@ -218,7 +222,7 @@ std::optional<std::string> render_known_object(const ValueArena& a, ValueId v) {
     return out + "]";
   }
   if (cls == "torch.device" && args && !args->empty() && a[(*args)[0]].kind == ValueKind::Str) {
-    std::string dev = a[(*args)[0]].text;
+    std::string dev(a[(*args)[0]].text);
     if (args->size() > 1 && a[(*args)[1]].kind == ValueKind::Int)
       dev += fmt::format(":{}", a[(*args)[1]].integer);
     std::string out;

@@ -12,6 +12,28 @@
 
 namespace ckptfs {
 
+std::string_view ValueArena::keep(std::string_view s) {
+  const std::size_t need = s.size() + 1;
+  char* at = nullptr;
+  if (need > kChunk / 4) {
+    // Large: a block of its own, so that the shared chunk is not abandoned half-used.
+    texts_.push_back(std::make_unique_for_overwrite<char[]>(need));
+    at = texts_.back().get();
+  } else {
+    if (need > chunk_left_) {
+      texts_.push_back(std::make_unique_for_overwrite<char[]>(kChunk));
+      chunk_free_ = texts_.back().get();
+      chunk_left_ = kChunk;
+    }
+    at = chunk_free_;
+    chunk_free_ += need;
+    chunk_left_ -= need;
+  }
+  std::memcpy(at, s.data(), s.size());
+  at[s.size()] = '\0';
+  return {at, s.size()};
+}
+
 ValueId ValueArena::add(Value v) {
   if (values_.size() >= max_values_) {
     throw FormatError(
@@ -226,7 +248,7 @@ std::span<const std::byte> PickleReader::take(std::uint64_t n) {
   return s;
 }
 
-std::string PickleReader::take_string(std::uint64_t n) {
+std::string_view PickleReader::take_string(std::uint64_t n) {
   auto s = take(n);
   return {reinterpret_cast<const char*>(s.data()), s.size()};
 }
@@ -351,7 +373,7 @@ ValueId PickleReader::make_global(std::string module, std::string name) {
   auto [m, n] = canonical_global(std::move(module), std::move(name));
   Value v;
   v.kind = ValueKind::Global;
-  v.text = m + "." + n;
+  v.text = arena_.keep(m + "." + n);
   return arena_.add(std::move(v));
 }
 
@@ -368,12 +390,12 @@ ValueId PickleReader::make_int_from_le(std::span<const std::byte> bytes) {
     v.integer = static_cast<std::int64_t>(u);
   } else {
     v.kind = ValueKind::BigInt;
-    v.text = le_twos_complement_to_decimal(bytes);
+    v.text = arena_.keep(le_twos_complement_to_decimal(bytes));
     std::int64_t small = 0;
     if (parse_int64(v.text, small)) {
       v.kind = ValueKind::Int;
       v.integer = small;
-      v.text.clear();
+      v.text = {};
     }
   }
   return arena_.add(std::move(v));
@@ -386,7 +408,7 @@ ValueId PickleReader::call(ValueId callable, ValueId args, bool newobj) {
   const std::vector<ValueId> argv =
       a.kind == ValueKind::Tuple || a.kind == ValueKind::List ? a.items : std::vector<ValueId>{};
   if (c.kind == ValueKind::Global) {
-    const std::string name = c.text;  // a copy: arena_.add() below may move |c|
+    const std::string_view name = c.text;  // the arena's bytes: |c| may move, they do not
     if (name == "collections.OrderedDict" || name == "builtins.dict" ||
         name == "collections.Counter" || name == "collections.defaultdict") {
       Value d;
@@ -440,7 +462,9 @@ ValueId PickleReader::call(ValueId callable, ValueId args, bool newobj) {
         std::vector<std::uint32_t> cps;
         if (decode_utf8(src.text, cps) &&
             std::all_of(cps.begin(), cps.end(), [](std::uint32_t cp) { return cp < 256; })) {
-          for (auto cp : cps) b.text.push_back(static_cast<char>(cp));
+          std::string latin1;
+          for (auto cp : cps) latin1.push_back(static_cast<char>(cp));
+          b.text = arena_.keep(latin1);
           return arena_.add(std::move(b));
         }
       }
@@ -584,7 +608,7 @@ ValueId PickleReader::read() {
             fail("bad LONG literal");
           }
           v.kind = ValueKind::BigInt;
-          v.text = (neg ? "-" : "") + std::string(digits);
+          v.text = arena_.keep((neg ? "-" : "") + std::string(digits));
         }
         push_new(std::move(v));
         break;
@@ -634,7 +658,7 @@ ValueId PickleReader::read() {
       case 'S': {  // STRING (Python 2 str, decoded as UTF-8 like torch.load's default)
         Value v;
         v.kind = ValueKind::Str;
-        v.text = decode_python_string_literal(take_line());
+        v.text = arena_.keep(decode_python_string_literal(take_line()));
         push_new(std::move(v));
         break;
       }
@@ -643,14 +667,14 @@ ValueId PickleReader::read() {
         std::uint64_t n = op == 'U' ? take_le<std::uint8_t>() : take_le<std::uint32_t>();
         Value v;
         v.kind = ValueKind::Str;
-        v.text = take_string(n);
+        v.text = arena_.keep(take_string(n));
         push_new(std::move(v));
         break;
       }
       case 'V': {  // UNICODE (raw-unicode-escape text)
         Value v;
         v.kind = ValueKind::Str;
-        v.text = decode_raw_unicode_escape(take_line());
+        v.text = arena_.keep(decode_raw_unicode_escape(take_line()));
         push_new(std::move(v));
         break;
       }
@@ -662,7 +686,7 @@ ValueId PickleReader::read() {
                                       : take_le<std::uint64_t>();
         Value v;
         v.kind = ValueKind::Str;
-        v.text = take_string(n);
+        v.text = arena_.keep(take_string(n));
         push_new(std::move(v));
         break;
       }
@@ -675,7 +699,7 @@ ValueId PickleReader::read() {
                                       : take_le<std::uint64_t>();
         Value v;
         v.kind = ValueKind::Bytes;
-        v.text = take_string(n);
+        v.text = arena_.keep(take_string(n));
         push_new(std::move(v));
         break;
       }
@@ -764,7 +788,7 @@ ValueId PickleReader::read() {
         if (arena_[name].kind != ValueKind::Str || arena_[module].kind != ValueKind::Str) {
           fail("STACK_GLOBAL needs two strings");
         }
-        push(make_global(arena_[module].text, arena_[name].text));
+        push(make_global(std::string(arena_[module].text), std::string(arena_[name].text)));
         break;
       }
       case 'R': {  // REDUCE
@@ -815,7 +839,7 @@ ValueId PickleReader::read() {
       case 'P': {  // PERSID (text)
         Value pid;
         pid.kind = ValueKind::Str;
-        pid.text = take_line();
+        pid.text = arena_.keep(take_line());
         ValueId pid_id = arena_.add(std::move(pid));
         Value v;
         v.kind = ValueKind::PersistentRef;

@@ -45,7 +45,7 @@ class PickleReader {
  private:
   std::uint8_t next_byte();
   std::span<const std::byte> take(std::uint64_t n);
-  std::string take_string(std::uint64_t n);
+  std::string_view take_string(std::uint64_t n);  // a view of the pickle's bytes
   std::string take_line();
   template <typename T>
   T take_le();

@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace ckptfs {
@@ -33,8 +35,9 @@ enum class ValueKind : std::uint8_t {
   PersistentRef,  // BINPERSID: |items|[0] is the persistent id
 };
 
-// A checkpoint of 262,144 tensors builds about four million of these: the fields are ordered
-// to pack into 88 bytes.
+// A checkpoint of 262,144 tensors builds about two million of these: the fields are ordered
+// to pack into 72 bytes, and a text is a view of the arena's copy (ValueArena::keep), not a
+// string of its own (a heap block for any text over 15 bytes, such as most tensor keys).
 struct Value {
   ValueKind kind = ValueKind::None;
   bool boolean = false;
@@ -49,9 +52,12 @@ struct Value {
     std::int64_t integer = 0;  // Int
     double real;               // Float
   };
-  std::string text;
+  // Str, Bytes, BigInt, Global: the bytes, kept by the arena (assign ValueArena::keep()'s
+  // result; never a temporary string).
+  std::string_view text;
   std::vector<ValueId> items;
 };
+static_assert(sizeof(Value) == 72);
 
 class ValueArena {
  public:
@@ -59,6 +65,9 @@ class ValueArena {
 
   // Throws FormatError when the limit is reached (a pickle bomb, not a checkpoint).
   ValueId add(Value v);
+  // A copy of |s| that lives as long as the arena (NUL-terminated), for Value::text. Texts
+  // are packed into shared chunks; a large one gets a block of its own.
+  std::string_view keep(std::string_view s);
   Value& operator[](ValueId id) { return values_[id]; }
   const Value& operator[](ValueId id) const { return values_[id]; }
   std::size_t size() const { return values_.size(); }
@@ -69,8 +78,12 @@ class ValueArena {
   }
 
  private:
+  static constexpr std::size_t kChunk = 64u << 10;
   std::vector<Value> values_;
   std::size_t max_values_;
+  std::vector<std::unique_ptr<char[]>> texts_;
+  char* chunk_free_ = nullptr;  // in the last chunk of |texts_|
+  std::size_t chunk_left_ = 0;
 };
 
 }  // namespace ckptfs

@@ -103,7 +103,7 @@ TensorCatalog load_safetensors(const ByteSource& source) {
   auto str = [&](std::string s) {
     Value v;
     v.kind = ValueKind::Str;
-    v.text = std::move(s);
+    v.text = arena.keep(s);
     return arena.add(std::move(v));
   };
   auto integer = [&](std::int64_t i) {
@@ -115,7 +115,7 @@ TensorCatalog load_safetensors(const ByteSource& source) {
   auto global = [&](std::string name) {
     Value v;
     v.kind = ValueKind::Global;
-    v.text = std::move(name);
+    v.text = arena.keep(name);
     return arena.add(std::move(v));
   };
   auto tuple = [&](std::vector<ValueId> items) {
@@ -230,7 +230,7 @@ TensorCatalog load_safetensors(const ByteSource& source) {
 
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
     ResolvedStorage r;
-    const std::string& key = arena[arena[pid].items[2]].text;
+    const std::string key(arena[arena[pid].items[2]].text);
     r.storage = storages.at(key);
     r.dtype = dtype_by_name("uint8");
     if (auto e = tensor_errors.find(key); e != tensor_errors.end()) r.error = e->second;
