@@ -12,6 +12,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <limits>
+#include <stdexcept>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -27,20 +29,25 @@ class NameMap {
   // The value of |name|, or nullptr if it was never added. Valid until the next add().
   V* find(std::string_view name) {
     Slot& s = probe(name, hash_of(name));
-    return s.used ? &s.value : nullptr;
+    return s.used() ? &s.value : nullptr;
   }
   const V* find(std::string_view name) const {
     return const_cast<NameMap*>(this)->find(name);  // probing changes nothing
   }
-  // Adds |name| (a view that must outlive the map) with |initial| if it is new; returns its
-  // value either way (valid until the next add()), and in |added| whether it was new.
+  // Adds |name| (a view that must outlive the map, under 4 GiB) with |initial| if it is new;
+  // returns its value either way (valid until the next add()), and in |added| whether it was
+  // new.
   V& add(std::string_view name, const V& initial = V{}, bool* added = nullptr) {
+    if (name.size() > std::numeric_limits<std::uint32_t>::max())
+      throw std::length_error("NameMap: a name of 4 GiB or more");
     if (capacity_for(count_ + 1) > slots_.size()) rehash(slots_.size() * 2);
-    const std::uint64_t h = hash_of(name);
+    const std::uint32_t h = hash_of(name);
     Slot& s = probe(name, h);
-    if (added != nullptr) *added = !s.used;
-    if (!s.used) {
-      s = Slot{h, name, initial, true};
+    if (added != nullptr) *added = !s.used();
+    if (!s.used()) {
+      // A name's data pointer is never null once viewed here (an empty name is "" somewhere).
+      s = Slot{name.data() != nullptr ? name.data() : "", static_cast<std::uint32_t>(name.size()),
+               h, initial};
       ++count_;
     }
     return s.value;
@@ -52,11 +59,16 @@ class NameMap {
   }
 
  private:
+  // 24 bytes for the values used here (a name table is 2-4 slots per name, and loading
+  // 262,144 tensors keeps four of them at once): the name as pointer and 32-bit length, the
+  // low half of its hash.
   struct Slot {
-    std::uint64_t hash = 0;
-    std::string_view name;
+    const char* data = nullptr;  // null: free
+    std::uint32_t size = 0;
+    std::uint32_t hash = 0;
     V value{};
-    bool used = false;
+    bool used() const { return data != nullptr; }
+    std::string_view name() const { return {data, size}; }
   };
 
   // At most 3/4 full: short probe runs, and a table for 2^k names is 2^(k+1) slots, not 2^(k+2).
@@ -64,23 +76,23 @@ class NameMap {
     return std::bit_ceil(names + names / 3 + 8);
   }
 
-  static std::uint64_t hash_of(std::string_view name) {
-    return std::hash<std::string_view>{}(name);
+  static std::uint32_t hash_of(std::string_view name) {
+    return static_cast<std::uint32_t>(std::hash<std::string_view>{}(name));
   }
 
   // The slot holding |name|, or the free slot where it would go.
-  Slot& probe(std::string_view name, std::uint64_t h) {
+  Slot& probe(std::string_view name, std::uint32_t h) {
     const std::size_t mask = slots_.size() - 1;
     for (std::size_t i = h & mask;; i = (i + 1) & mask) {
       Slot& s = slots_[i];
-      if (!s.used || (s.hash == h && s.name == name)) return s;
+      if (!s.used() || (s.hash == h && s.name() == name)) return s;
     }
   }
 
   void rehash(std::size_t size) {
     std::vector<Slot> old = std::exchange(slots_, std::vector<Slot>(size));
     for (const Slot& s : old) {
-      if (s.used) probe(s.name, s.hash) = s;
+      if (s.used()) probe(s.name(), s.hash) = s;
     }
   }
 
