@@ -428,7 +428,8 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     enum { Tensor, Dir, Json } what;
     std::optional<ParsedTensor> tensor;
     std::string_view primary;  // in the arena
-    std::string special;  // a tensor without a raw file: what it is ("quantized tensor (qint8)")
+    // A tensor without a raw file: what it is ("quantized tensor"; a literal).
+    std::string_view special;
   };
   std::vector<Pending> entries;
   entries.reserve(kids.size());
@@ -546,7 +547,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     append_json_string(out, why);
     out += ", \"pickled\": " + render_json(p.child->value) + "}\n";
     catalog_.warnings_.push_back(why);
-    catalog_.no_raw_form_.push_back({what, p.special + dtype});
+    catalog_.no_raw_form_.push_back({what, std::string(p.special) + dtype});
     return out;
   };
   for (Pending& p : entries) {
