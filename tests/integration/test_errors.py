@@ -1,6 +1,7 @@
 """Bad and hostile input, and the daemon's lifecycle: clean one-line errors, no mount left
 behind, nothing executed, EIO only on the broken file, clean unmount on signals (issue #2)."""
 import collections
+import errno
 import json
 import os
 import pickle
@@ -86,6 +87,13 @@ class ErrorsTest(unittest.TestCase):
     def path(self, name):
         return os.path.join(self.tmp.name, name)
 
+    def assert_eio(self, path):
+        """Reading |path| fails with EIO: the answer for a tensor the daemon cannot serve."""
+        with self.assertRaises(OSError) as cm:
+            with open(path, "rb") as f:
+                f.read()
+        self.assertEqual(cm.exception.errno, errno.EIO, path)
+
     def assert_clean_failure(self, checkpoint, mountpoint=None, contains=""):
         mnt = mountpoint or tempfile.mkdtemp(prefix="ckptfs-mnt-")
         try:
@@ -166,10 +174,7 @@ class ErrorsTest(unittest.TestCase):
         with Mount(bad) as m:
             with open(m.file("w"), "rb") as f:
                 self.assertEqual(f.read(), torch_bytes(self.w))
-            with self.assertRaises(OSError) as cm:
-                with open(m.file("b"), "rb") as f:
-                    f.read()
-            self.assertEqual(cm.exception.errno, 5)  # EIO
+            self.assert_eio(m.file("b"))
             with open(m.file("b.json")) as f:
                 self.assertIn("error", json.load(f))
         self.assertIn("tensor 'b'", m.stderr_text)
@@ -194,10 +199,7 @@ class ErrorsTest(unittest.TestCase):
                     f.write(data)
                 with Mount(bad) as m:
                     size = os.stat(m.file("b.json")).st_size
-                    with self.assertRaises(OSError) as cm:
-                        with open(m.file("b"), "rb") as f:
-                            f.read()
-                    self.assertEqual(cm.exception.errno, 5)  # EIO
+                    self.assert_eio(m.file("b"))
                     with open(m.file("w"), "rb") as f:
                         self.assertEqual(f.read(), torch_bytes(self.w))
                     with open(m.file("b.json"), "rb") as f:
@@ -227,10 +229,7 @@ class ErrorsTest(unittest.TestCase):
         with open(bad, "wb") as f:
             f.write(data)
         with Mount(bad) as m:
-            with self.assertRaises(OSError) as cm:
-                with open(m.file("b"), "rb") as f:
-                    f.read()
-            self.assertEqual(cm.exception.errno, 5)
+            self.assert_eio(m.file("b"))
             with open(m.file("b.json")) as f:
                 self.assertIn("encrypted", json.load(f)["error"])
             with open(m.file("w"), "rb") as f:
@@ -276,10 +275,7 @@ class ErrorsTest(unittest.TestCase):
                 bad = self.path("hostile_shape.pt")
                 rezip(self.good, bad, {"data.pkl": payload})
                 with Mount(bad) as m:
-                    with self.assertRaises(OSError) as cm:
-                        with open(m.file("w"), "rb") as f:
-                            f.read()
-                    self.assertEqual(cm.exception.errno, 5)
+                    self.assert_eio(m.file("w"))
                     with open(m.file("w.json")) as f:
                         err = json.load(f)["error"]
                     self.assertIn(contains, err)
