@@ -15,6 +15,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace ckptfs {
@@ -24,6 +25,21 @@ class CatalogArena {
   CatalogArena() = default;
   CatalogArena(const CatalogArena&) = delete;
   CatalogArena& operator=(const CatalogArena&) = delete;
+  // The chunks move, so views stay valid; the moved-from arena is empty (not left pointing
+  // into chunks it no longer owns).
+  CatalogArena(CatalogArena&& other) noexcept { *this = std::move(other); }
+  CatalogArena& operator=(CatalogArena&& other) noexcept {
+    chunks_ = std::move(other.chunks_);
+    other.chunks_.clear();
+    cursor_ = std::exchange(other.cursor_, nullptr);
+    left_ = std::exchange(other.left_, 0);
+    reserved_ = std::exchange(other.reserved_, 0);
+    interned_text_ = std::move(other.interned_text_);
+    other.interned_text_.clear();
+    interned_arrays_ = std::move(other.interned_arrays_);
+    other.interned_arrays_.clear();
+    return *this;
+  }
 
   // A copy of |s|, followed by a NUL (so a view's data() is also a C string).
   std::string_view add(std::string_view s) {
@@ -72,7 +88,7 @@ class CatalogArena {
   std::size_t bytes_reserved() const { return reserved_; }
 
  private:
-  static constexpr std::size_t kChunk = 256 * 1024;
+  static constexpr std::size_t kChunk = std::size_t{256} << 10;
   static constexpr std::size_t kArrayAlign = 8;
 
   static std::size_t padding(const std::byte* p, std::size_t align) {

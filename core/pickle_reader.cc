@@ -12,28 +12,6 @@
 
 namespace ckptfs {
 
-std::string_view ValueArena::keep(std::string_view s) {
-  const std::size_t need = s.size() + 1;
-  char* at = nullptr;
-  if (need > kChunk / 4) {
-    // Large: a block of its own, so that the shared chunk is not abandoned half-used.
-    texts_.push_back(std::make_unique_for_overwrite<char[]>(need));
-    at = texts_.back().get();
-  } else {
-    if (need > chunk_left_) {
-      texts_.push_back(std::make_unique_for_overwrite<char[]>(kChunk));
-      chunk_free_ = texts_.back().get();
-      chunk_left_ = kChunk;
-    }
-    at = chunk_free_;
-    chunk_free_ += need;
-    chunk_left_ -= need;
-  }
-  std::memcpy(at, s.data(), s.size());
-  at[s.size()] = '\0';
-  return {at, s.size()};
-}
-
 ValueId ValueArena::add(Value v) {
   if (values_.size() >= max_values_) {
     throw FormatError(

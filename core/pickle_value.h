@@ -8,10 +8,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "catalog_arena.h"
 
 namespace ckptfs {
 
@@ -65,9 +66,9 @@ class ValueArena {
 
   // Throws FormatError when the limit is reached (a pickle bomb, not a checkpoint).
   ValueId add(Value v);
-  // A copy of |s| that lives as long as the arena (NUL-terminated), for Value::text. Texts
-  // are packed into shared chunks; a large one gets a block of its own.
-  std::string_view keep(std::string_view s);
+  // A copy of |s| that lives as long as the arena (NUL-terminated), for Value::text: packed
+  // into shared chunks, as the catalog keeps its names.
+  std::string_view keep(std::string_view s) { return texts_.add(s); }
   Value& operator[](ValueId id) { return values_[id]; }
   const Value& operator[](ValueId id) const { return values_[id]; }
   std::size_t size() const { return values_.size(); }
@@ -78,12 +79,9 @@ class ValueArena {
   }
 
  private:
-  static constexpr std::size_t kChunk = 64u << 10;
   std::vector<Value> values_;
   std::size_t max_values_;
-  std::vector<std::unique_ptr<char[]>> texts_;
-  char* chunk_free_ = nullptr;  // in the last chunk of |texts_|
-  std::size_t chunk_left_ = 0;
+  CatalogArena texts_;
 };
 
 }  // namespace ckptfs
