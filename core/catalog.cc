@@ -141,6 +141,20 @@ std::string TensorCatalog::sidecar_json(const TensorInfo& t) const {
   return render_sidecar(t, true);
 }
 
+namespace {
+
+// What a storage whose offset is a zip local header knows of that header (its name is the
+// storage's record).
+LocalHeaderRef local_header_of(const StorageInfo& s) {
+  LocalHeaderRef ref;
+  ref.offset = s.offset;
+  ref.name_size = static_cast<std::uint16_t>(s.record().size());
+  ref.max_extra = s.max_local_extra();
+  return ref;
+}
+
+}  // namespace
+
 void TensorCatalog::append_file_offset(std::string& out, std::uint32_t i, bool resolve) const {
   const StorageInfo& s = storages_[i];
   if (!s.offset_is_local_header()) {
@@ -150,8 +164,8 @@ void TensorCatalog::append_file_offset(std::string& out, std::uint32_t i, bool r
   // Right-aligned to the width of the largest offset the header allows, so that the sidecar's
   // size is known without reading the header (stat of every sidecar in a big directory would
   // otherwise read the whole checkpoint). JSON allows the blanks.
-  const std::uint64_t largest =
-      s.offset + LocalHeaderRef::kSize + s.record().size() + s.max_local_extra();
+  const LocalHeaderRef ref = local_header_of(s);
+  const std::uint64_t largest = ref.offset + LocalHeaderRef::kSize + ref.name_size + ref.max_extra;
   const std::size_t width = std::max<std::size_t>(4, fmt::formatted_size("{}", largest));
   if (!resolve) {
     out.append(width, ' ');
@@ -182,12 +196,7 @@ std::uint64_t TensorCatalog::data_offset(std::uint32_t i) const {
   // Two threads may both read the header; they store the same value.
   std::array<std::byte, LocalHeaderRef::kSize> header{};
   source_reader_(s.offset, header);
-  LocalHeaderRef ref;
-  ref.offset = s.offset;
-  const std::string record = s.record();
-  ref.name_size = static_cast<std::uint16_t>(record.size());
-  ref.max_extra = s.max_local_extra();
-  const std::uint64_t at = data_offset_from_local_header(header, ref, record);
+  const std::uint64_t at = data_offset_from_local_header(header, local_header_of(s), s.record());
   known.store(at, std::memory_order_release);
   return at;
 }

@@ -288,8 +288,8 @@ class TensorCatalog {
 
   // Reads checkpoint bytes (offsets as in the storages) for data_offset(): loaders set the
   // source they read; a mount sets its block cache, so that a header costs no read of its own
-  // (it shares the block of the data after it) and leaves nothing in the page cache. Thread-safe
-  // to call; set it before serving.
+  // (it shares the block of the data after it) and leaves nothing in the page cache. Not
+  // thread-safe: set it before serving.
   using SourceReader = std::function<void(std::uint64_t offset, std::span<std::byte> dst)>;
   void set_source_reader(SourceReader reader);
   // Where storage |i|'s bytes start. A zip record's local header is read (through the source
