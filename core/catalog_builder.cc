@@ -551,7 +551,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     return out;
   };
   for (Pending& p : entries) {
-    if (clash && p.what != Pending::Json) p.primary = claim(escape_name(p.child->key.str()), "");
+    if (clash && p.what != Pending::Json) p.primary = claim(p.primary, "");  // its wanted name
   }
   std::string dir_prefix = catalog_.relative_path(dir);
   if (!dir_prefix.empty()) dir_prefix.push_back('/');
@@ -602,7 +602,9 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
         catalog_.texts_[catalog_.nodes_[n].ref] = describe(p, catalog_.relative_path(n), parts);
       }
     } else {
-      std::string_view name = clash ? claim(escape_name(k.str()), ".json") : p.primary;
+      // |primary| is the wanted "<key>.json".
+      std::string_view name =
+          clash ? claim(p.primary.substr(0, p.primary.size() - 5), ".json") : p.primary;
       NodeIndex n = add_json(name, "");
       catalog_.texts_[catalog_.nodes_[n].ref] = p.special.empty()
                                                     ? render_json(p.child->value)
