@@ -41,6 +41,25 @@ void log_error(MountState& s, const std::string& what) {
     std::fprintf(stderr, "ckptfs: %s\n", what.c_str());
 }
 
+// The stats file's mtime is the time of each getattr, never the same twice: with
+// FUSE_AUTO_INVAL_DATA the kernel drops its cached page when the mtime moves, so a read()
+// (which asks for attributes first: their timeout is 0) renders the numbers anew.
+std::timespec next_stats_mtime(const MountState& s) {
+  std::timespec now{};
+  clock_gettime(CLOCK_REALTIME, &now);
+  const std::int64_t wanted = now.tv_sec * 1'000'000'000LL + now.tv_nsec;
+  std::int64_t prev = s.stats_mtime_ns.load();
+  std::int64_t next = 0;
+  do {
+    next = std::max(wanted, prev + 1);
+  } while (!s.stats_mtime_ns.compare_exchange_weak(prev, next));
+  return {.tv_sec = next / 1'000'000'000LL, .tv_nsec = next % 1'000'000'000LL};
+}
+
+double attr_timeout_of(const Node& n) {
+  return n.kind == NodeKind::StatsFile ? 0.0 : kForever;
+}
+
 struct stat make_stat(const MountState& s, NodeIndex i) {
   struct stat st {};
   const Node n = s.catalog.node(i);
@@ -74,7 +93,8 @@ struct stat make_stat(const MountState& s, NodeIndex i) {
     case NodeKind::StatsFile:
       st.st_mode = S_IFREG | 0444;
       st.st_nlink = 1;
-      st.st_size = static_cast<off_t>(render_stats(s).size());
+      st.st_size = static_cast<off_t>(render_stats(s).size());  // the same on every render
+      st.st_mtim = next_stats_mtime(s);
       break;
     case NodeKind::SafetensorsFile:
       // Like the .npy views, no blocks: du counts the tensors once, in their own files.
@@ -110,6 +130,7 @@ void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   try {
     e.ino = child + 1;
     e.attr = make_stat(s, child);
+    e.attr_timeout = attr_timeout_of(s.catalog.node(child));
     fuse_reply_entry(req, &e);
   } catch (const std::exception& ex) {
     log_error(s, fmt::format("lookup of '{}': {}", name, ex.what()));
@@ -126,7 +147,7 @@ void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   }
   try {
     struct stat st = make_stat(s, i);
-    fuse_reply_attr(req, &st, kForever);
+    fuse_reply_attr(req, &st, attr_timeout_of(s.catalog.node(i)));
   } catch (const std::exception& ex) {
     log_error(s, fmt::format("getattr: {}", ex.what()));
     fuse_reply_err(req, EIO);
@@ -179,7 +200,7 @@ void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plu
     if (plus) {
       fuse_entry_param e{};
       e.attr = st;
-      e.attr_timeout = kForever;
+      e.attr_timeout = attr_timeout_of(s.catalog.node(target));
       e.entry_timeout = kForever;
       // "." and ".." must not take a lookup reference.
       e.ino = pos < 2 ? 0 : target + 1;
@@ -204,6 +225,12 @@ void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse
 
 void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   MountState& s = state_of(req);
+  if (s.skip_opens) {
+    // Only the first open gets here: the kernel then opens every file itself (keep_cache,
+    // fh 0) and sends neither OPEN nor RELEASE for the rest of the mount (op_init says why).
+    fuse_reply_err(req, ENOSYS);
+    return;
+  }
   NodeIndex i;
   if (!node_of(s, ino, i)) {
     fuse_reply_err(req, ENOENT);
@@ -358,7 +385,8 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
         reply_slice(s, req, ino, s.catalog.index_json(), size, off);
         return;
       case NodeKind::StatsFile:
-        reply_slice(s, req, ino, render_stats(s), size, off, /*cached=*/false);  // direct_io
+        // Page-cached when opens are skipped (op_init), else direct_io.
+        reply_slice(s, req, ino, render_stats(s), size, off, /*cached=*/s.skip_opens);
         return;
       case NodeKind::SafetensorsFile:
         reply_safetensors(s, req, ino, size, off);
@@ -487,7 +515,18 @@ void op_init(void* userdata, fuse_conn_info* conn) {
   // Every listing carries its entries' attributes (READDIRPLUS), not just its first batch
   // (READDIRPLUS_AUTO): ls -l, find -size or os.scandir + stat then need no LOOKUP per file.
   conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;
-  static_cast<MountState*>(userdata)->initialized = true;
+  // Of the requests of an open/read/close, OPEN and RELEASE carry nothing here unless a tensor
+  // must fail at open: every file is read-only (the mount is ro) and kept in the page cache.
+  // Answering the first OPEN with ENOSYS makes the kernel skip them for good (NO_OPEN_SUPPORT):
+  // a round trip less per file read, none at all when its pages are cached. What OPEN also
+  // did, direct_io for the stats file, becomes AUTO_INVAL_DATA with a moving mtime.
+  auto& s = *static_cast<MountState*>(userdata);
+  if (!s.opens_needed && (conn->capable & FUSE_CAP_NO_OPEN_SUPPORT) != 0 &&
+      (conn->capable & FUSE_CAP_AUTO_INVAL_DATA) != 0) {
+    conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
+    s.skip_opens = true;
+  }
+  s.initialized = true;
 }
 
 fuse_lowlevel_ops make_ops() {
@@ -518,23 +557,46 @@ std::string render_stats(const MountState& state) {
   const std::uint64_t kernel = state.ledger.served_bytes();
   const std::uint64_t invalidations = state.invalidator ? state.invalidator->invalidations() : 0;
   const std::uint64_t invalidated = state.invalidator ? state.invalidator->invalidated_bytes() : 0;
-  return fmt::format(
-      "{{\n  \"limit_bytes\": {},\n  \"daemon_budget_bytes\": {},\n  \"kernel_budget_bytes\": {},\n"
-      "  \"daemon_resident_bytes\": {},\n  \"kernel_served_bytes\": {},\n  \"total_bytes\": {},\n"
-      "  \"block_size\": {},\n  \"blocks\": {},\n"
-      "  \"lookups\": {},\n  \"hits\": {},\n  \"misses\": {},\n  \"evictions\": {},\n"
-      "  \"invalidations\": {},\n  \"invalidated_bytes\": {},\n"
-      "  \"bytes_read_from_checkpoint\": {},\n  \"checkpoint_cache_mode\": \"{}\",\n"
-      "  \"prefetched\": {},\n  \"prefetch_hits\": {},\n"
-      "  \"checkpoint_read_errors\": {},\n  \"checkpoint_changed\": {},\n"
-      "  \"read_errors\": {},\n"
-      "  \"tensors\": {},\n  \"storages\": {},\n  \"catalog_bytes\": {}\n}}\n",
-      state.limit_bytes, c.limit_bytes, state.ledger.budget(), c.resident_bytes, kernel,
-      c.resident_bytes + kernel, c.block_size, c.blocks, c.hits + c.misses, c.hits, c.misses,
-      c.evictions, invalidations, invalidated, c.bytes_read, state.source.cache_mode(),
-      c.prefetched, c.prefetch_hits, c.read_errors, state.source.changed(),
-      state.read_errors.load(), state.catalog.tensors().size(), state.catalog.storages().size(),
-      state.catalog.metadata_bytes());
+  // Each value is right-aligned in a field as wide as the largest 64-bit number, so the text
+  // is the same length on every render: the size a getattr reported must hold what a later
+  // read renders when the kernel caches the file (op_init).
+  const auto number = [](std::uint64_t v) { return fmt::format("{:>20}", v); };
+  const auto text = [](std::string_view v) {
+    return fmt::format("{:>20}", fmt::format("\"{}\"", v));
+  };
+  const std::pair<std::string_view, std::string> fields[] = {
+      {"limit_bytes", number(state.limit_bytes)},
+      {"daemon_budget_bytes", number(c.limit_bytes)},
+      {"kernel_budget_bytes", number(state.ledger.budget())},
+      {"daemon_resident_bytes", number(c.resident_bytes)},
+      {"kernel_served_bytes", number(kernel)},
+      {"total_bytes", number(c.resident_bytes + kernel)},
+      {"block_size", number(c.block_size)},
+      {"blocks", number(c.blocks)},
+      {"lookups", number(c.hits + c.misses)},
+      {"hits", number(c.hits)},
+      {"misses", number(c.misses)},
+      {"evictions", number(c.evictions)},
+      {"invalidations", number(invalidations)},
+      {"invalidated_bytes", number(invalidated)},
+      {"bytes_read_from_checkpoint", number(c.bytes_read)},
+      {"checkpoint_cache_mode", text(state.source.cache_mode())},
+      {"prefetched", number(c.prefetched)},
+      {"prefetch_hits", number(c.prefetch_hits)},
+      {"checkpoint_read_errors", number(c.read_errors)},
+      {"checkpoint_changed", fmt::format("{:>20}", state.source.changed())},
+      {"read_errors", number(state.read_errors.load())},
+      {"tensors", number(state.catalog.tensors().size())},
+      {"storages", number(state.catalog.storages().size())},
+      {"catalog_bytes", number(state.catalog.metadata_bytes())},
+  };
+  std::string out = "{\n";
+  for (const auto& [key, value] : fields) {
+    const bool last = &key == &std::end(fields)[-1].first;
+    out += fmt::format("  {:<29} {}{}\n", fmt::format("\"{}\":", key), value, last ? "" : ",");
+  }
+  out += "}\n";
+  return out;
 }
 
 }  // namespace ckptfs

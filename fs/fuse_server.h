@@ -5,6 +5,7 @@
 #define FUSE_USE_VERSION 314
 #include <fuse_lowlevel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <ctime>
 #include <memory>
@@ -36,9 +37,21 @@ struct MountState {
   bool xattrs = true;  // false: getxattr/listxattr answer ENOSYS, which the kernel remembers
   std::atomic<bool> initialized{false};  // the kernel's INIT has been answered
   std::atomic<std::uint64_t> logged_errors{0};
+  // A tensor known broken at load time must fail at open(), so OPEN requests are needed.
+  const bool opens_needed;
+  // Set at INIT: the kernel stops sending OPEN and RELEASE after the first open answers ENOSYS.
+  std::atomic<bool> skip_opens{false};
+  // The stats file's mtime: a new value on every getattr, so that the kernel drops its page.
+  mutable std::atomic<std::int64_t> stats_mtime_ns{0};
 
   MountState(const TensorCatalog& c, const ByteSource& src, BlockCache& b, KernelPageLedger& l)
-      : catalog(c), source(src), cache(b), ledger(l), reader(c, b) {}
+      : catalog(c),
+        source(src),
+        cache(b),
+        ledger(l),
+        reader(c, b),
+        opens_needed(std::ranges::any_of(c.tensors(),
+                                         [](const TensorInfo& t) { return !t.error().empty(); })) {}
 
   // /.ckptfs/model.safetensors, laid out on first use (its header is large for big
   // checkpoints, and most mounts never look at it). Throws FormatError if it cannot exist.

@@ -13,6 +13,7 @@ import time
 import unittest
 import zipfile
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -280,6 +281,26 @@ class ErrorsTest(unittest.TestCase):
                         err = json.load(f)["error"]
                     self.assertIn(contains, err)
                     self.assertIsNone(m.proc.poll())
+
+    def test_a_tensor_broken_at_load_fails_at_open(self):
+        """With a tensor known broken, the daemon keeps answering OPEN (instead of letting the
+        kernel skip it): open() fails with EIO, so numpy.memmap raises instead of a reader
+        dying of SIGBUS at its first page. The stats file stays fresh on that path too."""
+        bad = self.path("broken_open.pt")
+        rezip(self.good, bad, {"data.pkl": crafted_tensor_pickle((1 << 40, 1 << 40, 1 << 40), (1, 1, 1))})
+        with Mount(bad, "-d") as m:
+            for _ in range(2):
+                with self.assertRaises(OSError) as cm:
+                    os.close(os.open(m.file("w"), os.O_RDONLY))
+                self.assertEqual(cm.exception.errno, errno.EIO)
+            with self.assertRaises(OSError) as cm:
+                np.memmap(m.file("w"), dtype="<f4", mode="r")
+            self.assertEqual(cm.exception.errno, errno.EIO)
+            first = m.stats()["read_errors"]
+            with self.assertRaises(OSError):
+                os.open(m.file("w"), os.O_RDONLY)
+            self.assertEqual(m.stats()["read_errors"], first + 1)
+        self.assertGreaterEqual(m.stderr_text.count("opcode: OPEN "), 6)
 
     def test_hundreds_of_dimensions_are_served(self):
         path = self.path("dims.pt")

@@ -223,6 +223,46 @@ class MountedCheckpointTest(unittest.TestCase):
         looked_up = m.stderr_text.count("opcode: LOOKUP")
         self.assertLessEqual(looked_up, 4, f"{looked_up} LOOKUP requests for ls -l of {files} files")
 
+    def test_open_and_close_need_no_request(self):
+        """When no tensor must fail at open, the kernel opens files itself: the first OPEN is
+        answered "not implemented" (NO_OPEN_SUPPORT), so no OPEN or RELEASE follows, and a
+        second pass over cached files costs no round trip at all. The bytes stay exact."""
+        path = self.paths["many"]
+        expected = torch_tensors(torch.load(path, weights_only=False))
+        with Mount(path, "-d") as m:
+            entries = m.index()["tensors"][:50]
+            for _ in range(2):
+                for e in entries:
+                    fd = os.open(m.file(e["path"]), os.O_RDONLY)
+                    try:
+                        got = os.read(fd, 1 << 20)
+                    finally:
+                        os.close(fd)
+                    self.assertTrue(got == torch_bytes(expected[tuple(e["key"])]), e["path"])
+        opens = m.stderr_text.count("opcode: OPEN ")
+        self.assertGreater(m.stderr_text.count("opcode: READ "), 0, "the -d log shows no request")
+        self.assertLessEqual(opens, 2, f"{opens} OPEN requests for 100 opens")  # index.json's + one
+        self.assertEqual(m.stderr_text.count("opcode: RELEASE "), 0)
+
+    def test_stats_file_is_fresh_on_every_read_with_a_constant_size(self):
+        """The kernel may cache the stats file (opens are skipped), so its freshness comes from
+        a new mtime on every getattr; its size never changes, so a size taken before a read
+        always holds the text that read renders."""
+        with Mount(self.paths["many"], "--limit-mb", "8") as m:
+            stats = m.file(".ckptfs/stats")
+            seen = []
+            for e in m.index()["tensors"][:20]:
+                size = os.stat(stats).st_size
+                with open(stats, "rb") as f:
+                    text = f.read()
+                self.assertEqual(len(text), size)
+                seen.append(json.loads(text)["lookups"])
+                with open(m.file(e["path"]), "rb") as f:
+                    f.read()
+            self.assertEqual(seen, sorted(seen))
+            self.assertGreater(seen[-1], seen[0], f"stats did not change across 20 reads: {seen}")
+            self.assertEqual(len(set(seen)), len(seen), f"a read of stats was not fresh: {seen}")
+
     def test_mount_a_subtree_with_root(self):
         expected = torch_tensors(torch.load(self.paths["lightning"]))
         with Mount(self.paths["lightning"], "--root", "state_dict") as m:
