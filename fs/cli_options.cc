@@ -40,7 +40,8 @@ options:
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)
   -d, --debug       log every FUSE request to stderr (implies -f)
   -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other);
-                    limit_mb=N and root=PATH there mean --limit-mb and --root
+                    limit_mb=N and root=PATH there mean --limit-mb and --root; rw is
+                    overridden (the mount is always read-only)
   -h, --help        show this help and exit
   -V, --version     show the version and exit
 

@@ -267,6 +267,9 @@ int run(const CliOptions& opts) {
     args.push_back("-o");
     args.push_back(o);
   }
+  // Read-only whatever -o said: the kernel opens files without asking the daemon (op_init in
+  // fuse_server.cc), so a writable mount would let a write open succeed; the last option wins.
+  args.insert(args.end(), {"-o", "ro"});
   if (opts.debug) args.push_back("-d");
   FuseArgs fargs(std::move(args));
 
