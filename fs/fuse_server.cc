@@ -226,8 +226,9 @@ void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse
 void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   MountState& s = state_of(req);
   if (s.skip_opens) {
-    // Only the first open gets here: the kernel then opens every file itself (keep_cache,
-    // fh 0) and sends neither OPEN nor RELEASE for the rest of the mount (op_init says why).
+    // Only the opens sent before the kernel reads this first ENOSYS get here: it then opens
+    // every file itself (keep_cache, fh 0) and sends neither OPEN nor RELEASE for the rest of
+    // the mount (op_init says why). The mount is read-only, so no write open is let through.
     fuse_reply_err(req, ENOSYS);
     return;
   }
