@@ -4,8 +4,11 @@
 
 #include <array>
 #include <cstring>
+#include <limits>
+#include <optional>
 #include <unordered_map>
 #include <variant>
+#include <vector>
 
 #include "catalog_builder.h"
 #include "errors.h"
@@ -47,6 +50,40 @@ std::variant<StoragePid, std::string> parse_storage_pid(const ValueArena& arena,
   if (arena[t.items[4]].kind == ValueKind::Int) p.numel = arena[t.items[4]].integer;
   if (t.items.size() > 5 && arena[t.items[5]].kind == ValueKind::Tuple) p.view = t.items[5];
   return p;
+}
+
+constexpr std::uint32_t kUnnumbered = std::numeric_limits<std::uint32_t>::max();
+
+// |text| as a number when it is the canonical decimal form of one (no sign, no leading zero)
+// of at most nine digits: "07" and "7" name different records and must not meet in one slot.
+std::optional<std::uint32_t> canonical_number(std::string_view text) {
+  if (text.empty() || text.size() > 9 || (text.size() > 1 && text[0] == '0')) return std::nullopt;
+  std::uint32_t n = 0;
+  for (char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+    n = n * 10 + static_cast<std::uint32_t>(c - '0');
+  }
+  return n;
+}
+
+// torch names its storage records "<prefix>data/<key>" with keys 0, 1, 2, ... in the order the
+// pickle first uses them, while the zip holds them sorted as text ("0", "1", "10", ...). An
+// array indexed by the key finds a record without hashing its name: one hash probe per storage
+// that misses the cache (7 % of loading 262,144 tensors). Indices into zip.entries(); keys
+// beyond twice the entry count are left to the name lookup.
+std::vector<std::uint32_t> numbered_records(const ZipDirectory& zip, std::string_view data_dir) {
+  const auto& entries = zip.entries();
+  std::vector<std::uint32_t> out;
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    std::string_view name = entries[i].name;
+    if (!name.starts_with(data_dir)) continue;
+    auto n = canonical_number(name.substr(data_dir.size()));
+    if (!n || *n >= 2 * entries.size()) continue;
+    if (*n >= out.size())
+      out.resize(std::min(2 * entries.size(), 2 * (std::size_t{*n} + 1)), kUnnumbered);
+    out[*n] = static_cast<std::uint32_t>(i);
+  }
+  return out;
 }
 
 LoadedCheckpoint load_torch_zip(const ByteSource& source) {
@@ -103,6 +140,7 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
     std::uint64_t nbytes = 0;
   };
   std::unordered_map<std::string_view, Inflated> inflated;  // keys: texts in |arena|
+  const std::vector<std::uint32_t> numbered = numbered_records(zip, prefix + "data/");
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
     ResolvedStorage r;
     const Value& t = arena[pid];
@@ -130,7 +168,12 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
       r.storage.record += " (deflated)";
       return r;
     }
-    const ZipEntry* e = zip.find(record);
+    const ZipEntry* e = nullptr;
+    if (auto n = canonical_number(key); n && *n < numbered.size() && numbered[*n] != kUnnumbered) {
+      e = &zip.entries()[numbered[*n]];
+    } else {
+      e = zip.find(record);
+    }
     if (e == nullptr) {
       r.error = fmt::format("storage record '{}' is missing from the archive", record);
     } else if (e->encrypted()) {

@@ -347,6 +347,51 @@ def write_sparse_zip64(path, prefix, pickle_bytes, big_name, big_size, patches):
         f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
 
 
+class StorageKeyTest(unittest.TestCase):
+    """torch numbers its storage records 0, 1, 2, ... and ckptfs finds those by number; any
+    other key is found by its record's name. Either way each tensor gets its own record's bytes,
+    as torch.load gives them: "07" beside "7", "00" beside "0", words, a huge number."""
+
+    def test_keys_that_are_not_plain_numbers(self):
+        require_fuse()
+        import io
+        import pickle
+        import zipfile
+
+        class Ref:
+            def __init__(self, key):
+                self.key = key
+
+        class Rebuild:
+            def __init__(self, key):
+                self.key = key
+
+            def __reduce__(self):
+                return (torch._utils._rebuild_tensor_v2,
+                        (Ref(self.key), 0, (4,), (1,), False, collections.OrderedDict()))
+
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, obj):
+                return ("storage", torch.FloatStorage, obj.key, "cpu", 4) if isinstance(obj, Ref) else None
+
+        keys = ["7", "07", "0", "00", "1", "word", "123456789012", "3"]
+        with tempfile.TemporaryDirectory(prefix="ckptfs-keys-") as tmp:
+            path = os.path.join(tmp, "keys.pt")
+            buf = io.BytesIO()
+            Pickler(buf, protocol=2).dump({f"t{k}": Rebuild(k) for k in keys})
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+                z.writestr("archive/data.pkl", buf.getvalue())
+                for i, k in enumerate(keys):
+                    z.writestr(f"archive/data/{k}", (torch.arange(4, dtype=torch.float32) + 10 * i).numpy().tobytes())
+                z.writestr("archive/version", "3\n")
+            truth = torch.load(path)
+            self.assertEqual(len({truth[f"t{k}"][0].item() for k in keys}), len(keys))
+            with Mount(path) as m:
+                for k in keys:
+                    with open(m.file(f"t{k}"), "rb") as f:
+                        self.assertEqual(f.read(), truth[f"t{k}"].numpy().tobytes(), k)
+
+
 class Zip64Test(unittest.TestCase):
     def test_storage_over_4_gib(self):
         require_fuse()
