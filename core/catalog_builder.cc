@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "decimal_key.h"
 #include "errors.h"
 #include "json_text.h"
 #include "known_objects.h"
@@ -244,7 +245,14 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
 }
 
 std::uint32_t CatalogBuilder::register_storage(const StorageSpec& s) {
-  if (const std::uint32_t* known = storage_index_.find(s.key)) return *known;
+  const std::optional<std::uint32_t> number = canonical_decimal(s.key);
+  const bool numbered = number && *number < max_numbered_;
+  if (numbered) {
+    if (*number < storage_by_number_.size() && storage_by_number_[*number] != kNoStorage)
+      return storage_by_number_[*number];
+  } else if (const std::uint32_t* known = storage_index_.find(s.key)) {
+    return *known;
+  }
   StorageInfo info;
   const std::string_view key = keep(s.key);
   // Zip records are "<archive>/data/<key>": the part before the key is shared.
@@ -267,7 +275,17 @@ std::uint32_t CatalogBuilder::register_storage(const StorageSpec& s) {
   info.nbytes = s.nbytes;
   const auto index = static_cast<std::uint32_t>(catalog_.storages_.size());
   catalog_.storages_.push_back(info);
-  storage_index_.add(key, index);
+  if (numbered) {
+    if (*number >= storage_by_number_.size()) {
+      storage_by_number_.resize(std::min(max_numbered_, std::max(2 * storage_by_number_.size(),
+                                                                 std::size_t{*number} + 1)),
+                                kNoStorage);
+    }
+    storage_by_number_[*number] = index;
+  } else {
+    if (storage_index_.size() == 0) storage_index_.reserve(expected_storages_);
+    storage_index_.add(key, index);
+  }
   return index;
 }
 
@@ -447,7 +465,7 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
                              (cv.kind == ValueKind::Object && contains_tensor(c.value, depth)))) {
       p.what = Pending::Dir;
     }
-    entries.push_back(std::move(p));
+    entries.push_back(p);
   }
 
   // Names: raw files and directories first (so a sidecar never shadows a tensor), then the
@@ -758,7 +776,11 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   catalog_.nodes_.reserve(calls + 16);
   catalog_.tensors_.reserve(calls);
   catalog_.storages_.reserve(calls);
-  storage_index_.reserve(calls);
+  // Keys past twice the calls cannot all be torch's numbering: those go to the map, so a
+  // hostile key cannot size the array.
+  max_numbered_ = 2 * calls + 1024;
+  storage_by_number_.clear();
+  expected_storages_ = calls;
   catalog_.format_ = std::move(format);
   catalog_.big_endian_ = big_endian;
   catalog_.add_directory(kNoNode, "");

@@ -86,8 +86,13 @@ class CatalogBuilder {
   TensorCatalog& catalog_;
   StorageResolver resolve_;
   std::unordered_map<ValueId, std::int8_t> has_tensor_;  // 1 yes, 0 no, -1 being computed
-  NameMap<std::uint32_t> storage_index_;                 // keys in the arena
-  NameMap<std::uint32_t> location_index_;                // into locations_
+  // Storages by key: an array for keys that are canonical numbers below |max_numbered_|
+  // (torch's 0, 1, 2, ...), the map for the rest (reserved on its first use).
+  std::vector<std::uint32_t> storage_by_number_;
+  std::size_t max_numbered_ = 0;
+  std::size_t expected_storages_ = 0;
+  NameMap<std::uint32_t> storage_index_;   // keys in the arena
+  NameMap<std::uint32_t> location_index_;  // into locations_
 };
 
 }  // namespace ckptfs

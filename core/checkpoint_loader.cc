@@ -5,12 +5,12 @@
 #include <array>
 #include <cstring>
 #include <limits>
-#include <optional>
 #include <unordered_map>
 #include <variant>
 #include <vector>
 
 #include "catalog_builder.h"
+#include "decimal_key.h"
 #include "errors.h"
 #include "little_endian.h"
 #include "pickle_reader.h"
@@ -54,18 +54,6 @@ std::variant<StoragePid, std::string> parse_storage_pid(const ValueArena& arena,
 
 constexpr std::uint32_t kUnnumbered = std::numeric_limits<std::uint32_t>::max();
 
-// |text| as a number when it is the canonical decimal form of one (no sign, no leading zero)
-// of at most nine digits: "07" and "7" name different records and must not meet in one slot.
-std::optional<std::uint32_t> canonical_number(std::string_view text) {
-  if (text.empty() || text.size() > 9 || (text.size() > 1 && text[0] == '0')) return std::nullopt;
-  std::uint32_t n = 0;
-  for (char c : text) {
-    if (c < '0' || c > '9') return std::nullopt;
-    n = n * 10 + static_cast<std::uint32_t>(c - '0');
-  }
-  return n;
-}
-
 // torch names its storage records "<prefix>data/<key>" with keys 0, 1, 2, ... in the order the
 // pickle first uses them, while the zip holds them sorted as text ("0", "1", "10", ...). An
 // array indexed by the key finds a record without hashing its name: one hash probe per storage
@@ -77,7 +65,7 @@ std::vector<std::uint32_t> numbered_records(const ZipDirectory& zip, std::string
   for (std::size_t i = 0; i < entries.size(); ++i) {
     std::string_view name = entries[i].name;
     if (!name.starts_with(data_dir)) continue;
-    auto n = canonical_number(name.substr(data_dir.size()));
+    auto n = canonical_decimal(name.substr(data_dir.size()));
     if (!n || *n >= 2 * entries.size()) continue;
     if (*n >= out.size())
       out.resize(std::min(2 * entries.size(), 2 * (std::size_t{*n} + 1)), kUnnumbered);
@@ -169,7 +157,7 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
       return r;
     }
     const ZipEntry* e = nullptr;
-    if (auto n = canonical_number(key); n && *n < numbered.size() && numbered[*n] != kUnnumbered) {
+    if (auto n = canonical_decimal(key); n && *n < numbered.size() && numbered[*n] != kUnnumbered) {
       e = &zip.entries()[numbered[*n]];
     } else {
       e = zip.find(record);
