@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "byte_source.h"
+#include "stream_hint.h"
 
 namespace ckptfs {
 
@@ -51,8 +52,9 @@ class BlockCache {
     std::uint64_t evictions = 0;
     std::uint64_t bytes_read = 0;
     std::uint64_t read_errors = 0;
-    std::uint64_t prefetched = 0;     // blocks loaded ahead of a sequential reader
-    std::uint64_t prefetch_hits = 0;  // ... and then asked for
+    std::uint64_t prefetched = 0;       // blocks loaded ahead of a sequential reader
+    std::uint64_t prefetch_hits = 0;    // ... and then asked for
+    std::uint64_t prefetch_wasted = 0;  // ... or evicted before anyone asked for them
   };
 
   // |capacity_bytes| is the budget; |block_size| 0 picks a size that gives at least
@@ -63,10 +65,11 @@ class BlockCache {
   ~BlockCache();
 
   // Readers that go through the source in order (a block asked for right after the one
-  // before it) then get the next |depth| blocks loaded ahead, by one background thread, so the
-  // source's latency overlaps their work. Prefetch only takes free slots or blocks nobody has
-  // re-read, never a pinned one nor another prefetched block not yet used, and holds at most a
-  // quarter of the cache. Call once, before serving.
+  // before it, or a read whose StreamHint opens a stream) then get the next |depth| blocks
+  // loaded ahead, by one background thread, so the source's latency overlaps their work: up
+  // to the hint's end, then from its next_begin. Prefetch only takes free slots or blocks
+  // nobody has re-read, never a pinned one nor another prefetched block not yet used, and
+  // holds at most a quarter of the cache. Call once, before serving.
   void enable_prefetch(std::uint32_t depth);
 
   // A block held in the cache while its owner copies from it (RAII: unpinned on destruction).
@@ -103,13 +106,13 @@ class BlockCache {
 
   // Pins the block holding source byte |offset| (loading it if needed). Thread-safe. Throws
   // IoError if the source fails (nothing is cached for that block).
-  Pin pin(std::uint64_t offset);
+  Pin pin(std::uint64_t offset, StreamHint stream = {});
   // The same, but only if that block is already loaded; never loads, never waits. For callers
   // that already hold pins: waiting for a free slot while holding one could deadlock.
-  std::optional<Pin> try_pin(std::uint64_t offset);
+  std::optional<Pin> try_pin(std::uint64_t offset, StreamHint stream = {});
 
   // Copies source bytes [offset, offset + dst.size()) into |dst| through the cache.
-  void read(std::uint64_t offset, std::span<std::byte> dst);
+  void read(std::uint64_t offset, std::span<std::byte> dst, StreamHint stream = {});
 
   Stats stats() const;
   std::uint32_t block_size() const { return block_size_; }
@@ -128,9 +131,9 @@ class BlockCache {
   };
   static constexpr std::uint32_t kNoSlot = UINT32_MAX;
 
-  std::uint32_t acquire(std::uint64_t block);
+  std::uint32_t acquire(std::uint64_t block, StreamHint stream);
   // Pins Ready |slot| for |block|, counting a hit. Requires mu_.
-  void pin_ready(std::uint32_t slot, std::uint64_t block);
+  void pin_ready(std::uint32_t slot, std::uint64_t block, StreamHint stream);
   Pin make_pin(std::uint32_t slot, std::uint64_t block, std::uint32_t length);
   void release(std::uint32_t slot);
   std::uint32_t find_victim();  // requires mu_
@@ -139,8 +142,9 @@ class BlockCache {
   // Reads |block| into its claimed |slot| with mu_ released; Ready on success, Free (and the
   // exception rethrown) on failure.
   void load(std::unique_lock<std::mutex>& lock, std::uint32_t slot, std::uint64_t block);
-  void note_access(std::uint64_t block);  // requires mu_: spots sequential streams
-  std::uint32_t find_prefetch_slot();     // requires mu_; clears no reference bit
+  void note_access(std::uint64_t block,
+                   StreamHint stream);  // requires mu_: spots sequential streams
+  std::uint32_t find_prefetch_slot();   // requires mu_; clears no reference bit
   void prefetch_loop();
 
   const ByteSource& source_;

@@ -148,7 +148,7 @@ namespace {
 LocalHeaderRef local_header_of(const StorageInfo& s) {
   LocalHeaderRef ref;
   ref.offset = s.offset;
-  ref.name_size = static_cast<std::uint16_t>(s.record().size());
+  ref.name_size = static_cast<std::uint16_t>(s.record_size());
   ref.max_extra = s.max_local_extra();
   return ref;
 }
@@ -185,7 +185,17 @@ void TensorCatalog::set_source_reader(SourceReader reader) {
   }
 }
 
-std::uint64_t TensorCatalog::data_offset(std::uint32_t i) const {
+TensorCatalog::SourceSpan TensorCatalog::record_span(std::uint32_t i) const {
+  const StorageInfo& s = storages_[i];
+  if (data_offset_known(i)) {
+    const std::uint64_t at = data_offset(i);
+    return {at, at + s.nbytes};
+  }
+  const LocalHeaderRef ref = local_header_of(s);
+  return {s.offset, s.offset + LocalHeaderRef::kSize + ref.name_size + ref.max_extra + s.nbytes};
+}
+
+std::uint64_t TensorCatalog::data_offset(std::uint32_t i, bool stream_follows) const {
   const StorageInfo& s = storages_[i];
   if (!s.offset_is_local_header()) return s.offset;
   if (i >= resolved_offsets_.size() || !source_reader_) {
@@ -195,7 +205,11 @@ std::uint64_t TensorCatalog::data_offset(std::uint32_t i) const {
   if (std::uint64_t at = known.load(std::memory_order_acquire); at != 0) return at;
   // Two threads may both read the header; they store the same value.
   std::array<std::byte, LocalHeaderRef::kSize> header{};
-  source_reader_(s.offset, header);
+  // A header read for anything but the data after it (a sidecar's file_offset) wants nothing
+  // beyond the header.
+  const StreamHint hint = stream_follows ? StreamHint{.end = record_span(i).end, .starts = true}
+                                         : StreamHint{.end = s.offset + LocalHeaderRef::kSize};
+  source_reader_(s.offset, header, hint);
   const std::uint64_t at = data_offset_from_local_header(header, local_header_of(s), s.record());
   known.store(at, std::memory_order_release);
   return at;

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -22,6 +23,7 @@
 
 #include "catalog_arena.h"
 #include "dtype.h"
+#include "stream_hint.h"
 #include "tensor_layout.h"
 
 namespace ckptfs {
@@ -85,6 +87,9 @@ class StorageInfo {
     std::string out(record_);
     if (record_is_prefix_) out += key_;
     return out;
+  }
+  std::size_t record_size() const {  // record().size(), without building it
+    return std::strlen(record_) + (record_is_prefix_ ? std::strlen(key_) : 0);
   }
   void set_texts(std::string_view key, std::string_view record, bool record_is_prefix) {
     key_ = key.data();
@@ -288,14 +293,24 @@ class TensorCatalog {
 
   // Reads checkpoint bytes (offsets as in the storages) for data_offset(): loaders set the
   // source they read; a mount sets its block cache, so that a header costs no read of its own
-  // (it shares the block of the data after it) and leaves nothing in the page cache. Not
-  // thread-safe: set it before serving.
-  using SourceReader = std::function<void(std::uint64_t offset, std::span<std::byte> dst)>;
+  // (it shares the block of the data after it) and leaves nothing in the page cache. The hint
+  // says whether the record's data is about to be streamed (a cache may then load it ahead) or
+  // only the header is wanted. Not thread-safe: set it before serving.
+  using SourceReader =
+      std::function<void(std::uint64_t offset, std::span<std::byte> dst, StreamHint hint)>;
   void set_source_reader(SourceReader reader);
   // Where storage |i|'s bytes start. A zip record's local header is read (through the source
-  // reader) on first use and remembered. Thread-safe. Throws FormatError for a header that
-  // disagrees with the central directory, IoError when it cannot be read.
-  std::uint64_t data_offset(std::uint32_t i) const;
+  // reader) on first use and remembered; |stream_follows| says the caller is about to read the
+  // data from its start. Thread-safe. Throws FormatError for a header that disagrees with the
+  // central directory, IoError when it cannot be read.
+  std::uint64_t data_offset(std::uint32_t i, bool stream_follows = false) const;
+  // The source bytes storage |i| may occupy, its local header included while that is unread,
+  // known without reading anything: a bound for what prefetch loads for it.
+  struct SourceSpan {
+    std::uint64_t begin = 0;
+    std::uint64_t end = 0;
+  };
+  SourceSpan record_span(std::uint32_t i) const;
   // Whether data_offset(i) returns without reading anything.
   bool data_offset_known(std::uint32_t i) const {
     return !storages_[i].offset_is_local_header() ||

@@ -399,7 +399,7 @@ LoadedCheckpoint load_checkpoint(const ByteSource& source) {
   LoadedCheckpoint loaded = load_by_format(source);
   const ByteSource& data = loaded.data ? *loaded.data : source;
   loaded.catalog.set_source_reader(
-      [&data](std::uint64_t at, std::span<std::byte> dst) { data.read_at(at, dst); });
+      [&data](std::uint64_t at, std::span<std::byte> dst, StreamHint) { data.read_at(at, dst); });
   return loaded;
 }
 

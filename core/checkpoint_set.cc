@@ -156,8 +156,9 @@ CheckpointSet::CheckpointSet(const std::vector<std::string>& arguments)
     data_ = combined_.get();
     // The merged storages' offsets (local headers among them) are offsets in the combined
     // source.
-    catalog_.set_source_reader(
-        [this](std::uint64_t at, std::span<std::byte> dst) { data_->read_at(at, dst); });
+    catalog_.set_source_reader([this](std::uint64_t at, std::span<std::byte> dst, StreamHint) {
+      data_->read_at(at, dst);
+    });
   }
 
   // What the index promised must be there, in the file it names.

@@ -27,9 +27,24 @@ bool TensorReader::transformed(const TensorInfo& t) const {
   return (catalog_.big_endian() && swap_unit(t) > 1) || t.conj || t.neg;
 }
 
+StreamHint TensorReader::stream_of(const TensorInfo& t, std::uint64_t base, std::uint64_t offset,
+                                   std::uint64_t length) const {
+  StreamHint hint{.end = base + catalog_.storages()[t.storage].nbytes,
+                  .starts = opens_stream(offset, length)};
+  // Storages are numbered in the order the pickle first uses them: a reader going through the
+  // state dict takes the next one next.
+  if (t.storage + 1 < catalog_.storages().size()) {
+    const TensorCatalog::SourceSpan next = catalog_.record_span(t.storage + 1);
+    hint.next_begin = next.begin;
+    hint.next_end = next.end;
+  }
+  return hint;
+}
+
 void TensorReader::gather(const TensorInfo& t, const TensorLayout& layout, std::uint64_t offset,
                           std::span<std::byte> dst) const {
-  const std::uint64_t base = catalog_.data_offset(t.storage);
+  const std::uint64_t base = catalog_.data_offset(t.storage, opens_stream(offset, dst.size()));
+  const StreamHint stream = stream_of(t, base, offset, dst.size());
   std::size_t done = 0;
   // Strided views are many short runs, mostly inside one block: keep that block pinned and
   // copy from it directly instead of taking the cache lock per run.
@@ -39,7 +54,7 @@ void TensorReader::gather(const TensorInfo& t, const TensorLayout& layout, std::
     while (length > 0) {
       if (!held || !held->contains(pos, 1)) {
         held.reset();
-        held.emplace(cache_.pin(pos));
+        held.emplace(cache_.pin(pos, stream));
       }
       std::uint64_t n = std::min(length, held->end() - pos);
       std::memcpy(dst.data() + done, held->at(pos), static_cast<std::size_t>(n));
@@ -60,12 +75,13 @@ bool TensorReader::pin_pieces(const TensorInfo& t, std::uint64_t offset, std::ui
   const std::size_t first_pin = pins.size();
   const std::size_t first_piece = pieces.size();
   const std::uint64_t base = catalog_.data_offset(t.storage);
+  const StreamHint stream = stream_of(t, base, offset, length);
   bool ok = true;
   t.layout().for_each_run(offset, length, [&](std::uint64_t storage_byte, std::uint64_t n) {
     std::uint64_t pos = base + storage_byte;
     while (ok && n > 0) {
       if (pins.size() == first_pin || !pins.back().contains(pos, 1)) {
-        std::optional<BlockCache::Pin> pin = cache_.try_pin(pos);
+        std::optional<BlockCache::Pin> pin = cache_.try_pin(pos, stream);
         if (!pin) {
           ok = false;
           return;

@@ -39,6 +39,18 @@ class TensorReader {
   bool transformed(const TensorInfo& t) const;
   void gather(const TensorInfo& t, const TensorLayout& layout, std::uint64_t offset,
               std::span<std::byte> dst) const;
+  // The cache stream of a read of |length| bytes at |offset| of |t|, whose storage starts at
+  // source offset |base|: prefetch stays inside the storage's record, and a large read at the
+  // start of the file opens a stream.
+  StreamHint stream_of(const TensorInfo& t, std::uint64_t base, std::uint64_t offset,
+                       std::uint64_t length) const;
+  // A read this large at offset 0 is a reader taking the whole file (the kernel's readahead or
+  // a streaming read()), not a peek at its first bytes: the kernel's own first readahead
+  // window for a small read is a few pages.
+  static constexpr std::uint64_t kStreamStartBytes = std::uint64_t{128} << 10;
+  static bool opens_stream(std::uint64_t offset, std::uint64_t length) {
+    return offset == 0 && length >= kStreamStartBytes;
+  }
 
   const TensorCatalog& catalog_;
   BlockCache& cache_;

@@ -119,8 +119,8 @@ int run_convert_command(int argc, char** argv) {
     const std::uint64_t limit = limit_mb << 20;
     BlockCache cache(data, limit / 2);
     cache.enable_prefetch(4);  // convert reads in order: overlap the reads with the writes
-    set.catalog().set_source_reader(
-        [&cache](std::uint64_t at, std::span<std::byte> dst) { cache.read(at, dst); });
+    set.catalog().set_source_reader([&cache](std::uint64_t at, std::span<std::byte> dst,
+                                             StreamHint hint) { cache.read(at, dst, hint); });
     TensorReader reader(set.catalog(), cache);
     const std::uint64_t flush_every = std::min<std::uint64_t>(limit / 4, 64ull << 20);
 

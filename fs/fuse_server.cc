@@ -584,6 +584,7 @@ std::string render_stats(const MountState& state) {
       {"checkpoint_cache_mode", text(state.source.cache_mode())},
       {"prefetched", number(c.prefetched)},
       {"prefetch_hits", number(c.prefetch_hits)},
+      {"prefetch_wasted", number(c.prefetch_wasted)},
       {"checkpoint_read_errors", number(c.read_errors)},
       {"checkpoint_changed", fmt::format("{:>20}", state.source.changed())},
       {"read_errors", number(state.read_errors.load())},

@@ -251,8 +251,8 @@ int run(const CliOptions& opts) {
   }
   // Local headers are read through the cache: the block holding one also holds the data that
   // follows it, and the page cache of the checkpoint stays empty.
-  set->catalog().set_source_reader(
-      [c = cache.get()](std::uint64_t at, std::span<std::byte> dst) { c->read(at, dst); });
+  set->catalog().set_source_reader([c = cache.get()](std::uint64_t at, std::span<std::byte> dst,
+                                                     StreamHint hint) { c->read(at, dst, hint); });
   KernelPageLedger ledger(budget.kernel_bytes);
   MountState state(catalog, data, *cache, ledger);
   state.limit_bytes = opts.limit_mb << 20;

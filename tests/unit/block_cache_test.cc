@@ -1,9 +1,11 @@
 #include "block_cache.h"
 
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <random>
 #include <thread>
 #include <vector>
@@ -24,6 +26,10 @@ class MemorySource final : public ByteSource {
   std::uint64_t size() const override { return data_.size(); }
   void read_at(std::uint64_t offset, std::span<std::byte> dst) const override {
     ++reads;
+    {
+      std::lock_guard lock(offsets_mu);
+      offsets.push_back(offset);
+    }
     if (delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
     if (fail) throw IoError("injected failure", 5);
     std::memcpy(dst.data(), data_.data() + offset, dst.size());
@@ -32,7 +38,21 @@ class MemorySource final : public ByteSource {
   std::string describe() const override { return "memory"; }
   const std::byte* bytes() const { return data_.data(); }
 
+  // The 64 KiB blocks read so far (their offsets / 64 KiB), in any order.
+  std::vector<std::uint64_t> blocks_read() const {
+    std::lock_guard lock(offsets_mu);
+    std::vector<std::uint64_t> out;
+    for (std::uint64_t o : offsets) out.push_back(o >> 16);
+    return out;
+  }
+  bool block_read(std::uint64_t block) const {
+    const auto b = blocks_read();
+    return std::find(b.begin(), b.end(), block) != b.end();
+  }
+
   mutable std::atomic<int> reads{0};
+  mutable std::mutex offsets_mu;
+  mutable std::vector<std::uint64_t> offsets;
   std::atomic<bool> fail{false};
   int delay_ms = 0;
 
@@ -42,6 +62,16 @@ class MemorySource final : public ByteSource {
 
 bool same(const MemorySource& src, std::uint64_t off, const std::vector<std::byte>& got) {
   return std::memcmp(src.bytes() + off, got.data(), got.size()) == 0;
+}
+
+// Prefetch is asynchronous: waits (up to 5 s, for a loaded machine) until |done| holds.
+template <typename Done>
+bool eventually(Done done) {
+  for (int i = 0; i < 500; ++i) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return done();
 }
 
 }  // namespace
@@ -234,6 +264,78 @@ TEST_CASE("prefetch with many threads and a tiny cache: every byte right, clean 
     for (auto& th : threads) th.join();
     CHECK(bad == 0);
   }  // the destructor stops the prefetch thread
+}
+
+TEST_CASE("prefetch stays inside a stream's record, then goes where its reader goes next") {
+  constexpr std::uint64_t kBlock = 64u << 10;
+  MemorySource src(8u << 20);                  // 128 blocks
+  BlockCache cache(src, kBlock << 5, kBlock);  // 32 blocks
+  cache.enable_prefetch(4);
+  // Record 1 is blocks 0-9; the reader's next record is blocks 64-67, far away in the file
+  // (as torch's data/2 is from data/1). Blocks 10-63 belong to nobody this reader wants.
+  const StreamHint first{.end = 10 * kBlock, .next_begin = 64 * kBlock, .next_end = 68 * kBlock};
+  std::vector<std::byte> buf(kBlock);
+  for (std::uint64_t b = 0; b < 10; ++b) {
+    cache.read(b * kBlock, buf, first);
+    REQUIRE(same(src, b * kBlock, buf));
+  }
+  REQUIRE(eventually([&] {
+    return src.block_read(64) && src.block_read(65) && src.block_read(66) && src.block_read(67);
+  }));
+  for (std::uint64_t b : src.blocks_read()) CHECK((b < 10 || (b >= 64 && b < 68)));
+  // The reader then finds the next record loaded.
+  const auto before = cache.stats();
+  const StreamHint second{.end = 68 * kBlock};
+  for (std::uint64_t b = 64; b < 68; ++b) {
+    cache.read(b * kBlock, buf, second);
+    REQUIRE(same(src, b * kBlock, buf));
+  }
+  const auto after = cache.stats();
+  CHECK(after.misses == before.misses);
+  CHECK(after.prefetch_hits - before.prefetch_hits == 4);
+  CHECK(after.prefetch_wasted == 0);
+}
+
+TEST_CASE("prefetch: a read that starts a stream loads ahead at once, within its record") {
+  constexpr std::uint64_t kBlock = 64u << 10;
+  MemorySource src(4u << 20);
+  BlockCache cache(src, kBlock << 5, kBlock);
+  cache.enable_prefetch(4);
+  std::vector<std::byte> buf(100);
+  // One read, no second block in order yet: the hint alone says a stream begins. Its record
+  // ends inside block 3, so blocks 1-3 are loaded and nothing past them.
+  cache.read(0, buf, StreamHint{.end = 3 * kBlock + 10, .starts = true});
+  REQUIRE(eventually([&] { return src.reads == 4; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // room for a stray load
+  auto blocks = src.blocks_read();
+  std::sort(blocks.begin(), blocks.end());
+  CHECK(blocks == std::vector<std::uint64_t>{0, 1, 2, 3});
+}
+
+TEST_CASE("a block loaded ahead outlives the misses of other readers until its own comes") {
+  constexpr std::uint64_t kBlock = 64u << 10;
+  MemorySource src(16u << 20);                 // 256 blocks
+  BlockCache cache(src, kBlock << 5, kBlock);  // 32 blocks
+  cache.enable_prefetch(4);
+  std::vector<std::byte> buf(100);
+  // Fill every slot with blocks read once, none in order (every other block).
+  for (std::uint64_t b = 0; b < 64; b += 2) cache.read(b * kBlock, buf);
+  // A stream opens at block 100: 101-104 are loaded ahead into the slots the CLOCK hand is
+  // about to visit.
+  cache.read(100 * kBlock, buf, StreamHint{.starts = true});
+  REQUIRE(eventually([&] { return src.reads == 32 + 1 + 4; }));
+  // Other readers miss four times (blocks out of order): without a second chance for blocks
+  // loaded ahead, each miss would take one of them.
+  for (std::uint64_t b = 200; b < 208; b += 2) cache.read(b * kBlock, buf);
+  const auto before = cache.stats();
+  for (std::uint64_t b = 101; b <= 104; ++b) {
+    cache.read(b * kBlock, buf);
+    REQUIRE(same(src, b * kBlock, buf));
+  }
+  const auto after = cache.stats();
+  CHECK(after.misses == before.misses);
+  CHECK(after.prefetch_hits - before.prefetch_hits == 4);
+  CHECK(after.prefetch_wasted == 0);
 }
 
 TEST_CASE("try_pin gives loaded blocks only, and never reads the source") {
