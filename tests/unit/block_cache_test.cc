@@ -64,6 +64,22 @@ bool same(const MemorySource& src, std::uint64_t off, const std::vector<std::byt
   return std::memcmp(src.bytes() + off, got.data(), got.size()) == 0;
 }
 
+// Reads the |count| 64 KiB blocks from |first| on, each of which prefetch must have loaded:
+// right bytes, no miss, and nothing loaded ahead thrown away unread.
+void reads_all_prefetched(BlockCache& cache, const MemorySource& src, std::uint64_t first,
+                          std::uint64_t count, StreamHint hint) {
+  const auto before = cache.stats();
+  std::vector<std::byte> buf(64u << 10);
+  for (std::uint64_t b = first; b < first + count; ++b) {
+    cache.read(b << 16, buf, hint);
+    REQUIRE(same(src, b << 16, buf));
+  }
+  const auto after = cache.stats();
+  CHECK(after.misses == before.misses);
+  CHECK(after.prefetch_hits - before.prefetch_hits == count);
+  CHECK(after.prefetch_wasted == 0);
+}
+
 // Prefetch is asynchronous: waits (up to 5 s, for a loaded machine) until |done| holds.
 template <typename Done>
 bool eventually(Done done) {
@@ -284,16 +300,7 @@ TEST_CASE("prefetch stays inside a stream's record, then goes where its reader g
   }));
   for (std::uint64_t b : src.blocks_read()) CHECK((b < 10 || (b >= 64 && b < 68)));
   // The reader then finds the next record loaded.
-  const auto before = cache.stats();
-  const StreamHint second{.end = 68 * kBlock};
-  for (std::uint64_t b = 64; b < 68; ++b) {
-    cache.read(b * kBlock, buf, second);
-    REQUIRE(same(src, b * kBlock, buf));
-  }
-  const auto after = cache.stats();
-  CHECK(after.misses == before.misses);
-  CHECK(after.prefetch_hits - before.prefetch_hits == 4);
-  CHECK(after.prefetch_wasted == 0);
+  reads_all_prefetched(cache, src, 64, 4, StreamHint{.end = 68 * kBlock});
 }
 
 TEST_CASE("prefetch: a read that starts a stream loads ahead at once, within its record") {
@@ -327,15 +334,7 @@ TEST_CASE("a block loaded ahead outlives the misses of other readers until its o
   // Other readers miss four times (blocks out of order): without a second chance for blocks
   // loaded ahead, each miss would take one of them.
   for (std::uint64_t b = 200; b < 208; b += 2) cache.read(b * kBlock, buf);
-  const auto before = cache.stats();
-  for (std::uint64_t b = 101; b <= 104; ++b) {
-    cache.read(b * kBlock, buf);
-    REQUIRE(same(src, b * kBlock, buf));
-  }
-  const auto after = cache.stats();
-  CHECK(after.misses == before.misses);
-  CHECK(after.prefetch_hits - before.prefetch_hits == 4);
-  CHECK(after.prefetch_wasted == 0);
+  reads_all_prefetched(cache, src, 101, 4, StreamHint{});
 }
 
 TEST_CASE("try_pin gives loaded blocks only, and never reads the source") {
