@@ -37,6 +37,9 @@ options:
                     --limit-mb 256 or more, else the kernel's 128
   --no-xattrs       no user.ckptfs.* attributes: the kernel then stops asking, and tools
                     that copy attributes (cp -a, rsync -X) skip a round trip per file
+  --no-preload      do not store the first MiBs of a tensor file (256 KiB or more) in the
+                    page cache when it is looked up: a walk that stats many tensor files
+                    and reads none then reads nothing (streaming many files is slower)
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)
   -d, --debug       log every FUSE request to stderr (implies -f)
   -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other);
@@ -60,12 +63,13 @@ std::optional<std::uint64_t> parse_limit_mb(std::string_view text) {
 }
 
 CliParse parse_cli(int argc, char** argv) {
-  enum { kLimitMb = 1000, kRoot, kReadahead, kNoXattrs };
+  enum { kLimitMb = 1000, kRoot, kReadahead, kNoXattrs, kNoPreload };
   static const option kLong[] = {
       {"limit-mb", required_argument, nullptr, kLimitMb},
       {"root", required_argument, nullptr, kRoot},
       {"readahead-kb", required_argument, nullptr, kReadahead},
       {"no-xattrs", no_argument, nullptr, kNoXattrs},
+      {"no-preload", no_argument, nullptr, kNoPreload},
       {"foreground", no_argument, nullptr, 'f'},
       {"debug", no_argument, nullptr, 'd'},
       {"help", no_argument, nullptr, 'h'},
@@ -107,6 +111,9 @@ CliParse parse_cli(int argc, char** argv) {
       }
       case kNoXattrs:
         opts.xattrs = false;
+        break;
+      case kNoPreload:
+        opts.preload = false;
         break;
       case 'f':
         opts.foreground = true;

@@ -21,6 +21,7 @@ struct CliOptions {
   std::string root;                       // --root: a directory of the tree to mount as root
   std::uint32_t readahead_kb = 0;         // --readahead-kb: the mount's bdi readahead; 0 = kernel's
   bool xattrs = true;                     // --no-xattrs: no user.ckptfs.* (ls -l then never asks)
+  bool preload = true;                    // --no-preload: a LOOKUP stores nothing in the page cache
 };
 
 // What parsing decided: run with options, or exit now with |exit_code| (help, version, error).

@@ -10,12 +10,13 @@
 #include <ctime>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 
 #include "block_cache.h"
 #include "byte_source.h"
 #include "catalog.h"
-#include "kernel_invalidator.h"
+#include "kernel_notifier.h"
 #include "kernel_page_ledger.h"
 #include "safetensors_view.h"
 #include "tensor_reader.h"
@@ -27,7 +28,10 @@ struct MountState {
   const ByteSource& source;
   BlockCache& cache;
   KernelPageLedger& ledger;
-  KernelInvalidator* invalidator = nullptr;  // set once the session exists
+  KernelNotifier* notifier = nullptr;  // set once the session exists
+  // The most a LOOKUP of a tensor file has the notifier store of it ahead of the reader's first
+  // read (op_lookup says why); 0: never (--no-preload).
+  std::uint64_t preload_bytes = 0;
   std::uint64_t limit_bytes = 0;
   TensorReader reader;
   std::timespec mtime{};
@@ -69,6 +73,12 @@ struct MountState {
 
 // The operation table; the session's userdata must be a MountState*.
 const fuse_lowlevel_ops& fuse_operations();
+
+// Copies the bytes of file |ino| at |offset| into |out|, as a READ would serve them, for the
+// notifier's preloads; returns how many (0 for anything but a tensor's raw and .npy files).
+// Throws what reading the checkpoint throws.
+std::size_t read_for_preload(MountState& s, std::uint64_t ino, std::uint64_t offset,
+                             std::span<std::byte> out);
 
 // The JSON served at /.ckptfs/stats.
 std::string render_stats(const MountState& state);

@@ -28,7 +28,7 @@
 #include "errors.h"
 #include "fuse_server.h"
 #include "inspect_commands.h"
-#include "kernel_invalidator.h"
+#include "kernel_notifier.h"
 #include "memory_budget.h"
 
 namespace ckptfs {
@@ -257,6 +257,12 @@ int run(const CliOptions& opts) {
   MountState state(catalog, data, *cache, ledger);
   state.limit_bytes = opts.limit_mb << 20;
   state.xattrs = opts.xattrs;
+  // Up to kMaxQueuedPreloads + 1 files are stored ahead of their readers at a time: a sixteenth
+  // of the kernel's share each keeps them well inside it. 8 MiB stores whole the 4 MiB files
+  // that docs/benchmarks.md streams; of a larger file, the first MiBs are what its first faults
+  // would wait for, and the kernel's readahead follows on from there.
+  state.preload_bytes =
+      opts.preload ? std::min<std::uint64_t>(std::uint64_t{8} << 20, budget.kernel_bytes / 16) : 0;
   state.mtime = data.mtime();
   state.uid = ::getuid();
   state.gid = ::getgid();
@@ -285,8 +291,12 @@ int run(const CliOptions& opts) {
   }
   // Declared before the guard: on every exit path the mount goes first, then the thread, so a
   // notification in progress is released by the unmount instead of waiting forever.
-  KernelInvalidator invalidator(se.get(), ledger);
-  state.invalidator = &invalidator;
+  KernelNotifier notifier(
+      se.get(), ledger,
+      [&state](std::uint64_t ino, std::uint64_t offset, std::span<std::byte> out) {
+        return read_for_preload(state, ino, offset, out);
+      });
+  state.notifier = &notifier;
   if (fuse_session_mount(se.get(), opts.mountpoint.c_str()) != 0) {
     fuse_remove_signal_handlers(se.get());
     std::fprintf(
@@ -306,7 +316,7 @@ int run(const CliOptions& opts) {
     return 1;
   }
 
-  invalidator.start();  // after fuse_daemonize: threads do not survive its fork
+  notifier.start();  // after fuse_daemonize: threads do not survive its fork
   cache->enable_prefetch(kPrefetchBlocks);
   std::thread readahead;
   std::atomic<bool> readahead_stop{false};
@@ -328,11 +338,11 @@ int run(const CliOptions& opts) {
   fuse_loop_cfg_destroy(cfg);
   readahead_stop = true;
   if (readahead.joinable()) readahead.join();
-  // The unmount closes the session's fd: the invalidator must not start a notification on it
-  // after that (found by TSan: close() racing the invalidator's writev()).
-  invalidator.quiesce(std::chrono::milliseconds(500));
+  // The unmount closes the session's fd: the notifier must not start a notification on it
+  // after that (found by TSan: close() racing the notifier's writev()).
+  notifier.quiesce(std::chrono::milliseconds(500));
   guard.unmount();
-  invalidator.stop();
+  notifier.stop();
   // libfuse reports an exit by SIGINT/SIGTERM/SIGHUP as the (positive) signal number: that is
   // a requested, clean shutdown. Negative values are errors.
   return rc < 0 ? 1 : 0;

@@ -20,7 +20,7 @@ from memory_probe import MIB, Sampler, drop_file_cache, proc_status, pss_file, s
 CHECKPOINT_MIB = 512
 LIMIT_MIB = 64
 # docs/memory.md: in-flight replies and reply buffers (16 workers x up to 1 MiB), the batch
-# below budget the invalidator aims for, and sampling lag.
+# below budget the notifier aims for, and sampling lag.
 SLACK_MIB = 24
 class MemoryContractTest(unittest.TestCase):
     @classmethod

@@ -490,6 +490,77 @@ class MountedCheckpointTest(unittest.TestCase):
                 with open(m.file("float32"), "rb") as f:
                     self.assertTrue(f.read() == want)
 
+    def test_lookup_preloads_exact_bytes(self):
+        """A LOOKUP of a tensor file of 256 KiB or more has the daemon store its first MiBs in
+        the page cache: the reader then finds them there (no READ request for a file stored
+        whole) and they are exactly torch's bytes, for raw files, .npy views, bfloat16 and a
+        strided view alike. A file over the cap is stored in part and read for the rest;
+        smaller files and --no-preload store nothing."""
+        with tempfile.TemporaryDirectory(prefix="ckptfs-preload-") as d:
+            path = os.path.join(d, "preload.pt")
+            g = torch.Generator().manual_seed(5)
+            sd = {"a": torch.randn(768 * 1024, generator=g),                      # 3 MiB
+                  "b": torch.randn(1536 * 1024, generator=g).to(torch.bfloat16),  # 3 MiB
+                  "c": torch.randn(1024, 1024, generator=g)[:, 256:],            # 3 MiB, strided
+                  "big": torch.randn(9 * 256 * 1024, generator=g),               # 9 MiB
+                  "small": torch.randn(1000, generator=g)}                        # 4000 B
+            torch.save(sd, path)
+            expected = torch_tensors(torch.load(path))
+            with Mount(path, "-d") as m:
+                cap = min(8 << 20, m.stats()["kernel_budget_bytes"] // 16)
+                self.assertEqual(cap, 8 << 20, "the default budget no longer stores 8 MiB per file")
+                files = []  # (path, bytes a reader gets)
+                for e in m.index()["tensors"]:
+                    t = expected[tuple(e["key"])]
+                    buf = io.BytesIO()
+                    arr = t.contiguous().numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().view("<u2")
+                    np.save(buf, arr)
+                    files += [(e["path"], torch_bytes(t)), (e["npy"], buf.getvalue())]
+                eligible = [(rel, want) for rel, want in files if len(want) >= 256 << 10]
+                self.assertEqual(len(eligible), 8)
+                # One LOOKUP at a time: the daemon keeps only the newest few preloads queued,
+                # and this test wants each one done.
+                inos, done, want_bytes = {}, 0, 0
+                for rel, want in files:
+                    inos[rel] = os.stat(m.file(rel)).st_ino  # the LOOKUP
+                    if len(want) >= 256 << 10:
+                        done += 1
+                        want_bytes += min(len(want), cap)
+                    deadline = time.monotonic() + 20
+                    while m.stats()["preloaded_bytes"] < want_bytes and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    s = m.stats()
+                    self.assertEqual((s["preloaded_files"], s["preloaded_bytes"]), (done, want_bytes), rel)
+
+                # The -d log so far, through a file description of its own (the daemon's shares
+                # its offset with ours: seeking it would move where the daemon writes).
+                def log_now():
+                    with open(f"/proc/{m.proc.pid}/fd/2") as f:
+                        return f.read()
+                log_before = len(log_now())
+                for rel, want in files:
+                    with open(m.file(rel), "rb") as f:
+                        mm = np.memmap(f, dtype="u1", mode="r")
+                        self.assertTrue(mm.tobytes() == want, f"{rel}: bytes differ from torch.load")
+                        del mm
+                log = log_now()[log_before:]
+            stored_whole = {inos[rel] for rel, want in eligible if len(want) <= cap}
+            self.assertEqual(len(stored_whole), 6)
+            read_from = set()
+            for line in log.splitlines():
+                if "opcode: READ " in line:
+                    read_from.add(int(line.split("nodeid: ")[1].split(",")[0]))
+            self.assertFalse(read_from & stored_whole, "a file stored whole was read again")
+            self.assertIn(inos["big"], read_from, "the part past the cap was not read: the test sees no READ")
+            self.assertIn(inos["small"], read_from)
+            with Mount(path, "--no-preload") as m:
+                for rel, want in files:
+                    os.stat(m.file(rel))
+                time.sleep(0.5)
+                self.assertEqual(m.stats()["preloaded_files"], 0)
+                with open(m.file("a"), "rb") as f:
+                    self.assertTrue(f.read() == dict(files)["a"])
+
     def test_stats_file(self):
         with Mount(self.paths["many"], "--limit-mb", "8") as m:
             for e in m.index()["tensors"][:200]:

@@ -1,6 +1,6 @@
 """Stress and soak (issues #3, #8): several processes, each with several threads, read random
 ranges of random tensors (contiguous and strided views) through read() and mmap under a tiny
---limit-mb, for a bounded time. Every byte must be right, nothing may hang (the invalidator
+--limit-mb, for a bounded time. Every byte must be right, nothing may hang (the notifier
 runs all along), the daemon must survive, its counters must add up, and it must not grow:
 its open fds are the same before and after, and its RSS in the last part of the run is no
 more than a little above what it was a quarter of the way in.

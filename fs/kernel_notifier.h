@@ -1,0 +1,109 @@
+// KernelNotifier: the one thread that tells the kernel what to drop from, and what to store
+// in, the page cache of the mount.
+//
+// fuse_lowlevel_notify_inval_inode and fuse_lowlevel_notify_store are handled synchronously by
+// the kernel, and both wait for the locks of pages whose READ is still in flight. Called from a
+// request handler (or while holding a lock or a cache pin a handler may need) they can
+// deadlock: the READ they wait for would never be answered. So they only ever run here, on a
+// dedicated thread that holds no lock and no pin while it notifies; request handlers only
+// record replies and queue requests, and never wait for this thread.
+//
+// Every page it stores is recorded in the ledger like a READ reply, right after the store and
+// on this same thread, so stores and invalidations never interleave and the ledger stays an
+// upper bound of the kernel's pages.
+#pragma once
+
+#define FUSE_USE_VERSION 314
+#include <fuse_lowlevel.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <span>
+#include <thread>
+#include <vector>
+
+#include "kernel_page_ledger.h"
+
+namespace ckptfs {
+
+class KernelNotifier {
+ public:
+  // Copies the bytes of file |inode| at |offset| into |out| (the file as a READ would serve
+  // it) and returns how many it copied; 0 when there is nothing to store. May throw: the
+  // preload of that file then stops, and its READs report the error.
+  using FileReader = std::function<std::size_t(std::uint64_t inode, std::uint64_t offset,
+                                               std::span<std::byte> out)>;
+
+  // How many preloads wait at most: a newer one pushes out the oldest, whose reader has most
+  // likely got ahead of it by then (the kernel reads what it needs itself).
+  static constexpr std::size_t kMaxQueuedPreloads = 4;
+  // One store: the size of the kernel's largest READ here, and of the reused buffer.
+  static constexpr std::size_t kStoreBytes = std::size_t{1} << 20;
+
+  KernelNotifier(fuse_session* session, KernelPageLedger& ledger, FileReader read_file = {})
+      : session_(session), ledger_(ledger), read_file_(std::move(read_file)) {}
+  ~KernelNotifier() { stop(); }
+  KernelNotifier(const KernelNotifier&) = delete;
+  KernelNotifier& operator=(const KernelNotifier&) = delete;
+
+  void start();
+  // Before unmounting (which closes the session's fd): no notification starts after this
+  // returns. Waits up to |wait| for one in progress to end and returns whether none is left;
+  // one that is still waiting (for a READ the stopped loop will never answer) is ended by the
+  // unmount, and the thread then never touches the session again.
+  bool quiesce(std::chrono::milliseconds wait);
+  // Stops and joins the thread. Call after the filesystem is unmounted, so a notification in
+  // progress cannot wait for a READ that will never be answered.
+  void stop();
+  // Non-blocking: asks the thread to bring the ledger back within its budget.
+  void wake();
+  // Non-blocking: asks the thread to store the first |length| bytes of |inode| in the kernel's
+  // page cache (in kStoreBytes steps, each recorded and kept within the budget like a reply).
+  void preload(std::uint64_t inode, std::uint64_t length);
+
+  std::uint64_t invalidations() const { return invalidations_.load(); }
+  std::uint64_t invalidated_bytes() const { return invalidated_bytes_.load(); }
+  std::uint64_t preloaded_files() const { return preloaded_files_.load(); }
+  std::uint64_t preloaded_bytes() const { return preloaded_bytes_.load(); }
+  std::uint64_t store_retries() const { return store_retries_.load(); }
+
+ private:
+  struct Preload {
+    std::uint64_t inode;
+    std::uint64_t length;
+  };
+
+  void run();
+  // Whether quiesce() or stop() was called.
+  bool stopping();
+  void invalidate_excess();
+  void store_file(const Preload& p);
+  // Stores |length| bytes of buffer_ at |offset| of |inode|; the notify's result.
+  int store(std::uint64_t inode, std::uint64_t offset, std::size_t length, bool new_inode);
+  static constexpr int kNewInodeRetries = 40;
+
+  fuse_session* session_;
+  KernelPageLedger& ledger_;
+  FileReader read_file_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool pending_ = false;
+  bool stopping_ = false;
+  bool busy_ = false;  // notifying, without mu_ held
+  std::deque<Preload> preloads_;
+  std::vector<std::byte> buffer_;  // one store's bytes, allocated at the first preload
+  std::thread thread_;
+  std::atomic<std::uint64_t> invalidations_{0};
+  std::atomic<std::uint64_t> invalidated_bytes_{0};
+  std::atomic<std::uint64_t> preloaded_files_{0};
+  std::atomic<std::uint64_t> preloaded_bytes_{0};
+  std::atomic<std::uint64_t> store_retries_{0};
+};
+
+}  // namespace ckptfs
