@@ -120,8 +120,8 @@ constexpr std::uint64_t kPreloadMinBytes = std::uint64_t{256} << 10;
 // mount the kernel cannot read ahead across files, so each file's first page fault waits for a
 // READ round trip, and the faults after it for the kernel's readahead. Storing the file's first
 // bytes in the page cache from the notifier's thread, while the reader is still opening and
-// mapping it, turns those waits into page-cache hits (streaming 512 files of 4 MiB cold:
-// 2.39 s -> 1.84 s, median of 5; docs/benchmarks.md). A LOOKUP without a read costs a
+// mapping it, turns those waits into page-cache hits (streaming 512 files of 4 MiB cold under
+// --limit-mb 512: see docs/benchmarks.md, target 1). A LOOKUP without a read costs a
 // background read of at most preload_bytes; what is stored counts against the budget like
 // any reply.
 void maybe_preload(MountState& s, fuse_ino_t ino, const Node& n) {
@@ -132,6 +132,12 @@ void maybe_preload(MountState& s, fuse_ino_t ino, const Node& n) {
   const std::uint64_t size =
       t.nbytes() + (n.kind == NodeKind::NpyView ? TensorCatalog::npy_header(t).size() : 0);
   if (size < kPreloadMinBytes) return;
+  // Only once the kernel's share has filled (the ledger keeps it within 1/16 below the share
+  // from then on), when each page stored takes the place of one invalidated. Before that, every
+  // store fills fresh memory, slow to touch on these VMs, from the one notifier thread, where
+  // READ replies fill it from many: a first pass over 2 GiB with a 2 GiB share took 3.6-4.8 s
+  // with preloads from the start and 3.4-4.2 s without (medians of 6 runs of 4-8 rounds).
+  if (s.ledger.served_bytes() < s.ledger.budget() - s.ledger.budget() / 8) return;
   s.notifier->preload(ino, std::min(size, s.preload_bytes));
 }
 

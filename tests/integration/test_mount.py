@@ -491,26 +491,30 @@ class MountedCheckpointTest(unittest.TestCase):
                     self.assertTrue(f.read() == want)
 
     def test_lookup_preloads_exact_bytes(self):
-        """A LOOKUP of a tensor file of 256 KiB or more has the daemon store its first MiBs in
-        the page cache: the reader then finds them there (no READ request for a file stored
-        whole) and they are exactly torch's bytes, for raw files, .npy views, bfloat16 and a
-        strided view alike. A file over the cap is stored in part and read for the rest;
-        smaller files and --no-preload store nothing."""
+        """Once the kernel's share of the budget has filled, a LOOKUP of a tensor file of
+        256 KiB or more has the daemon store its first MiBs in the page cache: the reader then
+        finds them there (no READ request for a file stored whole) and they are exactly torch's
+        bytes, for raw files, .npy views, bfloat16 and a strided view alike. Before the share
+        fills, a file over the cap beyond it, smaller files, and --no-preload: nothing stored."""
         with tempfile.TemporaryDirectory(prefix="ckptfs-preload-") as d:
             path = os.path.join(d, "preload.pt")
             g = torch.Generator().manual_seed(5)
-            sd = {"a": torch.randn(768 * 1024, generator=g),                      # 3 MiB
-                  "b": torch.randn(1536 * 1024, generator=g).to(torch.bfloat16),  # 3 MiB
-                  "c": torch.randn(1024, 1024, generator=g)[:, 256:],            # 3 MiB, strided
-                  "big": torch.randn(9 * 256 * 1024, generator=g),               # 9 MiB
-                  "small": torch.randn(1000, generator=g)}                        # 4000 B
+            sd = {"a": torch.randn(512 * 1024, generator=g),                      # 2 MiB
+                  "b": torch.randn(1024 * 1024, generator=g).to(torch.bfloat16),  # 2 MiB
+                  "c": torch.randn(1024, 1024, generator=g)[:, 512:],            # 2 MiB, strided
+                  "big": torch.randn(1024 * 1024, generator=g),                  # 4 MiB
+                  "small": torch.randn(1000, generator=g),                        # 4000 B
+                  "filler": torch.randn(12 * 1024 * 1024, generator=g)}           # 48 MiB
             torch.save(sd, path)
             expected = torch_tensors(torch.load(path))
-            with Mount(path, "-d") as m:
-                cap = min(8 << 20, m.stats()["kernel_budget_bytes"] // 16)
-                self.assertEqual(cap, 8 << 20, "the default budget no longer stores 8 MiB per file")
+            with Mount(path, "-d", "--limit-mb", "64") as m:
+                budget = m.stats()["kernel_budget_bytes"]
+                cap = min(8 << 20, budget // 16)
+                self.assertEqual(cap, 3 << 20, "--limit-mb 64 no longer stores 3 MiB per file")
                 files = []  # (path, bytes a reader gets)
                 for e in m.index()["tensors"]:
+                    if e["path"] == "filler":
+                        continue
                     t = expected[tuple(e["key"])]
                     buf = io.BytesIO()
                     arr = t.contiguous().numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().view("<u2")
@@ -518,6 +522,12 @@ class MountedCheckpointTest(unittest.TestCase):
                     files += [(e["path"], torch_bytes(t)), (e["npy"], buf.getvalue())]
                 eligible = [(rel, want) for rel, want in files if len(want) >= 256 << 10]
                 self.assertEqual(len(eligible), 8)
+                # The share empty: nothing is stored. Reading the filler fills it.
+                with open(m.file("filler"), "rb") as f:
+                    self.assertTrue(f.read() == torch_bytes(sd["filler"]))
+                s = m.stats()
+                self.assertEqual(s["preloaded_files"], 0, s)
+                self.assertGreaterEqual(s["kernel_served_bytes"], budget - budget // 16, s)
                 # One LOOKUP at a time: the daemon keeps only the newest few preloads queued,
                 # and this test wants each one done.
                 inos, done, want_bytes = {}, 0, 0
@@ -553,7 +563,9 @@ class MountedCheckpointTest(unittest.TestCase):
             self.assertFalse(read_from & stored_whole, "a file stored whole was read again")
             self.assertIn(inos["big"], read_from, "the part past the cap was not read: the test sees no READ")
             self.assertIn(inos["small"], read_from)
-            with Mount(path, "--no-preload") as m:
+            with Mount(path, "--no-preload", "--limit-mb", "64") as m:
+                with open(m.file("filler"), "rb") as f:
+                    f.read()
                 for rel, want in files:
                     os.stat(m.file(rel))
                 time.sleep(0.5)
