@@ -123,14 +123,12 @@ constexpr std::uint64_t kPreloadMinBytes = std::uint64_t{256} << 10;
 // mapping it, turns those waits into page-cache hits (streaming 512 files of 4 MiB cold under
 // --limit-mb 512, 6 alternating rounds: 2.55 s -> 2.20 s, the purge loop 1.96 s; the bench's
 // target 1 runs the loop both ways). A LOOKUP without a read costs a background read of at
-// most preload_bytes; what is stored counts against the budget like any reply.
-void maybe_preload(MountState& s, fuse_ino_t ino, const Node& n) {
+// most preload_bytes; what is stored counts against the budget like any reply. |size| is the
+// file's, as the LOOKUP's reply gave it.
+void maybe_preload(MountState& s, fuse_ino_t ino, const Node& n, std::uint64_t size) {
   if (s.notifier == nullptr || s.preload_bytes == 0) return;
   if (n.kind != NodeKind::TensorData && n.kind != NodeKind::NpyView) return;
-  const TensorInfo& t = s.catalog.tensors()[n.tensor()];
-  if (!t.error().empty()) return;
-  const std::uint64_t size =
-      t.nbytes() + (n.kind == NodeKind::NpyView ? TensorCatalog::npy_header(t).size() : 0);
+  if (!s.catalog.tensors()[n.tensor()].error().empty()) return;
   if (size < kPreloadMinBytes) return;
   // Only once the kernel's share has filled (the ledger keeps it within 1/16 below the share
   // from then on), when each page stored takes the place of one invalidated. Before that, every
@@ -162,7 +160,8 @@ void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
     e.attr = make_stat(s, child);
     e.attr_timeout = attr_timeout_of(s.catalog.node(child));
     // After the reply: the kernel refuses stores for an inode it does not know yet.
-    if (fuse_reply_entry(req, &e) == 0) maybe_preload(s, e.ino, s.catalog.node(child));
+    if (fuse_reply_entry(req, &e) == 0)
+      maybe_preload(s, e.ino, s.catalog.node(child), static_cast<std::uint64_t>(e.attr.st_size));
   } catch (const std::exception& ex) {
     log_error(s, fmt::format("lookup of '{}': {}", name, ex.what()));
     fuse_reply_err(req, EIO);
