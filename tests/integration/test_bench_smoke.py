@@ -1,6 +1,6 @@
 """Benchmarks are not tests: this only proves scripts/bench-memory, bench-convert and
-bench-throughput still run end to end at a tiny size and write their tables (the numbers are
-not judged here)."""
+bench-throughput still run end to end at a tiny size and write their tables, and that
+scripts/fuse-latency still traces a mount's requests (the numbers are not judged here)."""
 import os
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import tempfile
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ckptfs_testlib import BINARY, require_fuse  # noqa: E402
+from ckptfs_testlib import BINARY, Mount, require_fuse  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -45,6 +45,26 @@ class BenchSmokeTest(unittest.TestCase):
     def test_bench_convert_runs(self):
         self.run_bench("bench-convert", ["--size-mib", "16", "--limit-mb", "8"],
                        ["| ckptfs convert (--limit-mb 8)", "| cp from a mount", "| torch.load + numpy writer"])
+
+    def test_fuse_latency_traces_a_mount(self):
+        # Needs root, perf (scripts/install-deps installs linux-perf) and a kernel with the fuse
+        # tracepoints; the script's own one-line error fails this test where one is missing.
+        with tempfile.TemporaryDirectory(prefix="ckptfs-latency-") as work:
+            ckpt = os.path.join(work, "small.pt")
+            subprocess.run(["/usr/bin/python3", "-c",
+                            "import sys, torch; torch.save({'w': torch.arange(300000, dtype=torch.float32)}, sys.argv[1])",
+                            ckpt], check=True)
+            with Mount(ckpt) as m:
+                r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "scripts", "fuse-latency"),
+                                    "--mount", m.path, "--", "dd", f"if={m.file('w')}", "of=/dev/null", "status=none"],
+                                   capture_output=True, timeout=300)
+        self.assertEqual(r.returncode, 0, r.stderr.decode())
+        lines = r.stdout.decode().splitlines()
+        self.assertTrue(lines and lines[0].startswith("opcode"), r.stdout.decode())
+        counts = {l.split()[0]: int(l.split()[1]) for l in lines[1:]}
+        # dd of one file on a fresh mount: its LOOKUP, then the READs of its 1.2 MB.
+        self.assertEqual(counts.get("FUSE_LOOKUP"), 1, counts)
+        self.assertGreaterEqual(counts.get("FUSE_READ", 0), 1, counts)
 
 
 if __name__ == "__main__":
