@@ -31,7 +31,7 @@ def require_fuse():
         raise AssertionError(f"ckptfs binary not found at {BINARY} (build first)")
 
 
-def _unescape_mount_field(field):
+def unescape_mount_field(field):
     """/proc/mounts writes space, tab, newline and backslash as \\ooo octal escapes."""
     import re
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
@@ -40,7 +40,7 @@ def _unescape_mount_field(field):
 def is_mounted(path):
     path = os.path.realpath(path)
     with open("/proc/mounts") as f:
-        return any(_unescape_mount_field(line.split()[1]) == path for line in f)
+        return any(unescape_mount_field(line.split()[1]) == path for line in f)
 
 
 def unmount(path, proc=None):
