@@ -628,6 +628,7 @@ std::string render_stats(const MountState& state) {
       {"daemon_budget_bytes", number(c.limit_bytes)},
       {"kernel_budget_bytes", number(state.ledger.budget())},
       {"daemon_resident_bytes", number(c.resident_bytes)},
+      {"daemon_prefaulted_bytes", number(c.prefaulted_bytes)},
       {"kernel_served_bytes", number(kernel)},
       {"total_bytes", number(c.resident_bytes + kernel)},
       {"block_size", number(c.block_size)},

@@ -318,6 +318,7 @@ int run(const CliOptions& opts) {
 
   notifier.start();  // after fuse_daemonize: threads do not survive its fork
   cache->enable_prefetch(kPrefetchBlocks);
+  cache->start_prefault();
   std::thread readahead;
   std::atomic<bool> readahead_stop{false};
   if (readahead_kb != 0) {

@@ -77,6 +77,12 @@ class BenchMount:
         with open(os.path.join(self.path, ".ckptfs/stats")) as f:
             return json.load(f)
 
+    def prefaulted_bytes(self):
+        """Waits until the daemon has backed its whole cache (it does so in the background after
+        mounting) and returns how many bytes that is: RSS measured after this stays put."""
+        from ckptfs_testlib import wait_prefaulted
+        return wait_prefaulted(self.stats)["daemon_prefaulted_bytes"]
+
     def close(self):
         subprocess.run(["fusermount3", "-u", self.path], check=True)
         if self.daemon is not None:

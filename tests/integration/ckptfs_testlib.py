@@ -110,6 +110,24 @@ class Mount:
         with open(self.file(".ckptfs/stats")) as f:
             return json.load(f)
 
+    def wait_prefaulted(self, timeout=60):
+        """Waits until the daemon has backed its whole cache (a SCHED_IDLE thread does it after
+        mounting), so its RSS stops moving on its own; returns the stats then."""
+        return wait_prefaulted(self.stats, timeout)
+
+
+def wait_prefaulted(read_stats, timeout=60):
+    """|read_stats|() gives a mount's /.ckptfs/stats; waits until daemon_prefaulted_bytes
+    covers the cache (blocks x block_size) and returns those stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = read_stats()
+        if st["daemon_prefaulted_bytes"] >= st["blocks"] * st["block_size"]:
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the daemon's cache was not prefaulted within {timeout} s: {st}")
+        time.sleep(0.02)
+
 
 class ReaderProcess:
     """reader_worker.py in a child process: it prints "ready", waits for go() (so a baseline can

@@ -51,7 +51,10 @@ class MemoryContractTest(unittest.TestCase):
             # the same file share its pages and RssFile would count each page once per reader.
             several = len(readers) > 1
             base_file = {r.pid: pss_file(r.pid) if several else proc_status(r.pid)["RssFile"] for r in readers}
-            base_daemon = proc_status(m.proc.pid)["VmRSS"]
+            # The cache's memory is backed right after mounting: wait for it, and count it in
+            # the daemon's growth as the loads would have.
+            prefaulted = m.wait_prefaulted()["daemon_prefaulted_bytes"]
+            base_daemon = proc_status(m.proc.pid)["VmRSS"] - prefaulted
             base_cached = system_cached()
             sampler = Sampler(m.proc.pid)
             for r in readers:

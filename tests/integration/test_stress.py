@@ -85,6 +85,7 @@ class StressTest(unittest.TestCase):
     def test_random_reads_under_a_tiny_limit(self):
         with Mount(self.path, "--limit-mb", str(LIMIT_MIB)) as m:
             by_path = {e["path"]: tuple(e["key"]) for e in m.index()["tensors"]}
+            m.wait_prefaulted()  # the cache's memory is backed once, after mounting: not growth
             fds_before = open_fds(m.proc.pid)
             start = time.monotonic()
             readers = [ReaderProcess("random", m.path, str(SECONDS), str(seed), str(THREADS)) for seed in range(PROCESSES)]
