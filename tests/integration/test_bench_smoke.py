@@ -14,16 +14,17 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 class BenchSmokeTest(unittest.TestCase):
-    def run_bench(self, script, args, rows, png=None, timeout=600):
-        """Runs scripts/|script| into a temporary docs dir; checks its table has |rows|."""
+    def run_bench(self, script, args, rows, pngs=(), timeout=600):
+        """Runs scripts/|script| into a temporary docs dir; checks its table has |rows| and that it
+        drew |pngs|."""
         require_fuse()
         with tempfile.TemporaryDirectory(prefix="ckptfs-bench-smoke-") as out:
             r = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "scripts", script), *args,
                                 "--out-dir", out, "--binary", BINARY],
                                capture_output=True, text=True, timeout=timeout)
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-            if png:
-                self.assertGreater(os.path.getsize(os.path.join(out, png)), 10000)
+            for name in pngs:
+                self.assertGreater(os.path.getsize(os.path.join(out, name)), 10000)
             with open(os.path.join(out, "benchmarks.md")) as f:
                 md = f.read()
             for row in rows:
@@ -31,16 +32,18 @@ class BenchSmokeTest(unittest.TestCase):
 
     def test_bench_memory_runs(self):
         self.run_bench("bench-memory", ["--size-mib", "32", "--limit-mb", "8"],
-                       ["ckptfs --limit-mb 8", "| mmap |", "| torch.load |"], png="bench-memory.png")
+                       ["ckptfs --limit-mb 8", "| mmap |", "| torch.load |"], pngs=["bench-memory.png"])
 
     def test_bench_throughput_runs(self):
-        self.run_bench("bench-throughput", ["--size-mib", "32", "--tiny-count", "300", "--rounds", "2"],
+        self.run_bench("bench-throughput", ["--size-mib", "32", "--tiny-count", "300", "--rounds", "2",
+                                            "--sizes-kib", "16,1024", "--sizes-total-mib", "8"],
                        ["| 1 | memmap + bf16 loop", "| 2 | second pass", "| 3 | mount 300 tensors",
                         "| 3 | daemon memory per tensor", "| 4 | 2 processes",
                         "| #6 | ckptfs ls of the 300-tensor checkpoint", "| #6 | ckptfs info",
                         "| 1 | the same loop on a mount with --no-preload", "| 2 | minor page faults of the warm pass", "| 2 | numpy.memmap and close of a file",
-                        "| 3 | open/read/close per file", "| 3 | ls -l of the directory (900 files"],
-                       png="bench-throughput.png", timeout=900)
+                        "| 3 | open/read/close per file", "| 3 | ls -l of the directory (900 files",
+                        "| 16 KiB | 512 |", "| 1 MiB | 8 |"],
+                       pngs=["bench-throughput.png", "bench-throughput-sizes.png"], timeout=900)
 
     def test_bench_convert_runs(self):
         self.run_bench("bench-convert", ["--size-mib", "16", "--limit-mb", "8"],
