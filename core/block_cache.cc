@@ -242,18 +242,21 @@ void BlockCache::start_prefault() {
 }
 
 void BlockCache::prefault_loop() {
-  // SCHED_IDLE: a load that needs the CPU always wins, so this never slows a reader down.
+  // SCHED_IDLE: any other thread that wants the CPU gets it first. Preempted inside a step,
+  // this thread still holds the mapping lock (shared) that creating a thread (its stack)
+  // needs exclusively, until an idle moment lets it finish: steps are one huge page (the
+  // arena asks for them) to keep that short. From slot 0: the CLOCK hand hands out free
+  // slots in that order, so what is backed first is what the first loads use.
   sched_param param{};
   pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
-  // One huge page per call (the arena asks for them), from slot 0: the CLOCK hand hands out
-  // free slots in that order, so what is backed first is what the first loads use.
   constexpr std::size_t kStep = std::size_t{2} << 20;
   for (std::size_t offset = 0; offset < arena_.size(); offset += kStep) {
-    if (prefault_stop_.load(std::memory_order_relaxed)) return;
+    if (prefault_stop_.load(std::memory_order_relaxed)) break;
     const std::size_t length = std::min(kStep, arena_.size() - offset);
-    if (!arena_.populate(offset, length)) return;
+    if (!arena_.populate(offset, length)) break;
     prefaulted_bytes_.fetch_add(length, std::memory_order_relaxed);
   }
+  prefault_finished_.store(true);
 }
 
 void BlockCache::prefetch_loop() {
@@ -366,6 +369,7 @@ void BlockCache::read(std::uint64_t offset, std::span<std::byte> dst, StreamHint
 BlockCache::Stats BlockCache::stats() const {
   std::lock_guard lock(mu_);
   Stats out = stats_;
+  out.prefault_finished = prefault_finished_.load();
   out.prefaulted_bytes = prefaulted_bytes_.load(std::memory_order_relaxed);
   return out;
 }

@@ -61,6 +61,7 @@ class BlockCache {
     std::uint64_t prefetch_hits = 0;     // ... and then asked for
     std::uint64_t prefetch_wasted = 0;   // ... or evicted before anyone asked for them
     std::uint64_t prefaulted_bytes = 0;  // of the arena, backed by start_prefault()
+    bool prefault_finished = false;      // ... which backs no more (all of it, or it failed)
   };
 
   // |capacity_bytes| is the budget; |block_size| 0 picks a size that gives at least
@@ -81,8 +82,9 @@ class BlockCache {
   // Backs the arena with memory from a background thread at SCHED_IDLE, in the order the
   // slots are first filled, so that loads do not pay for the first touch of fresh memory
   // (slow on these VMs: about 1 GB/s, against 30 GB/s once touched) while a reader waits.
-  // It only runs on a CPU nobody else wants; whatever it has not reached is backed by the
-  // loads themselves, as before. Call once, before serving (after any fork).
+  // It only runs on a CPU nobody else wants; whatever it has not reached (or could not back:
+  // kernels before 5.14) is backed by the loads themselves, as before. Call once, before
+  // serving (after any fork).
   void start_prefault();
 
   // A block held in the cache while its owner copies from it (RAII: unpinned on destruction).
@@ -183,6 +185,7 @@ class BlockCache {
   void prefault_loop();
   std::atomic<bool> prefault_stop_{false};
   std::atomic<std::uint64_t> prefaulted_bytes_{0};
+  std::atomic<bool> prefault_finished_{false};
   std::thread prefaulter_;
 };
 

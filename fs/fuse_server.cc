@@ -629,6 +629,7 @@ std::string render_stats(const MountState& state) {
       {"kernel_budget_bytes", number(state.ledger.budget())},
       {"daemon_resident_bytes", number(c.resident_bytes)},
       {"daemon_prefaulted_bytes", number(c.prefaulted_bytes)},
+      {"daemon_prefault_finished", fmt::format("{:>20}", c.prefault_finished)},
       {"kernel_served_bytes", number(kernel)},
       {"total_bytes", number(c.resident_bytes + kernel)},
       {"block_size", number(c.block_size)},

@@ -111,18 +111,19 @@ class Mount:
             return json.load(f)
 
     def wait_prefaulted(self, timeout=60):
-        """Waits until the daemon has backed its whole cache (a SCHED_IDLE thread does it after
+        """Waits until the daemon has backed its cache (a SCHED_IDLE thread does it after
         mounting), so its RSS stops moving on its own; returns the stats then."""
         return wait_prefaulted(self.stats, timeout)
 
 
 def wait_prefaulted(read_stats, timeout=60):
-    """|read_stats|() gives a mount's /.ckptfs/stats; waits until daemon_prefaulted_bytes
-    covers the cache (blocks x block_size) and returns those stats."""
+    """|read_stats|() gives a mount's /.ckptfs/stats; waits until the daemon's prefault has
+    finished (daemon_prefaulted_bytes then says how much of the cache it backed: all of it, or
+    less on a kernel that cannot) and returns those stats."""
     deadline = time.monotonic() + timeout
     while True:
         st = read_stats()
-        if st["daemon_prefaulted_bytes"] >= st["blocks"] * st["block_size"]:
+        if st["daemon_prefault_finished"]:
             return st
         if time.monotonic() > deadline:
             raise AssertionError(f"the daemon's cache was not prefaulted within {timeout} s: {st}")

@@ -374,7 +374,7 @@ namespace {
 bool prefault_done(const BlockCache& cache) {
   for (int i = 0; i < 6000; ++i) {
     const auto st = cache.stats();
-    if (st.prefaulted_bytes == st.blocks * st.block_size) return true;
+    if (st.prefault_finished) return st.prefaulted_bytes == st.blocks * st.block_size;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return false;
