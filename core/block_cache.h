@@ -182,10 +182,11 @@ class BlockCache {
   bool stopping_ = false;
   std::thread prefetcher_;
 
+  // Prefault (atomics: its thread takes no lock).
   void prefault_loop();
   std::atomic<bool> prefault_stop_{false};
-  std::atomic<std::uint64_t> prefaulted_bytes_{0};
   std::atomic<bool> prefault_finished_{false};
+  std::atomic<std::uint64_t> prefaulted_bytes_{0};
   std::thread prefaulter_;
 };
 

@@ -406,6 +406,7 @@ TEST_CASE("prefault while many threads read: every byte right, clean shutdown") 
     cache.start_prefault();
     std::atomic<int> wrong{0};
     std::vector<std::thread> readers;
+    readers.reserve(4);
     for (int t = 0; t < 4; ++t) {
       readers.emplace_back([&, t] {
         std::mt19937 rng(t + 10 * round);
