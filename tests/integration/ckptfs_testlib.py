@@ -37,10 +37,19 @@ def unescape_mount_field(field):
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def is_mounted(path):
+def mount_type(path):
+    """The filesystem type mounted at |path| ("fuse.ckptfs", ...), or None."""
     path = os.path.realpath(path)
     with open("/proc/mounts") as f:
-        return any(unescape_mount_field(line.split()[1]) == path for line in f)
+        for line in f:
+            _, point, fs_type = line.split()[:3]
+            if unescape_mount_field(point) == path:
+                return fs_type
+    return None
+
+
+def is_mounted(path):
+    return mount_type(path) is not None
 
 
 def unmount(path, proc=None):

@@ -80,10 +80,11 @@ void reads_all_prefetched(BlockCache& cache, const MemorySource& src, std::uint6
   CHECK(after.prefetch_wasted == 0);
 }
 
-// Prefetch is asynchronous: waits (up to 5 s, for a loaded machine) until |done| holds.
+// Prefetch and prefault are asynchronous: waits (up to |seconds|, for a loaded machine) until
+// |done| holds.
 template <typename Done>
-bool eventually(Done done) {
-  for (int i = 0; i < 500; ++i) {
+bool eventually(Done done, int seconds = 5) {
+  for (int i = 0; i < 100 * seconds; ++i) {
     if (done()) return true;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
@@ -368,20 +369,6 @@ TEST_CASE("a block pinned by try_pin is not evicted while held") {
   CHECK(cache.stats().evictions > 0);
 }
 
-namespace {
-
-// Prefault runs at SCHED_IDLE: on a machine busy with other tests it may wait for a free CPU.
-bool prefault_done(const BlockCache& cache) {
-  for (int i = 0; i < 6000; ++i) {
-    const auto st = cache.stats();
-    if (st.prefault_finished) return st.prefaulted_bytes == st.blocks * st.block_size;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return false;
-}
-
-}  // namespace
-
 TEST_CASE("prefault backs the whole arena and leaves loaded blocks as they were") {
   MemorySource src(8u << 20);
   BlockCache cache(src, 4u << 20, 64u << 10);  // 64 blocks, two huge pages
@@ -390,7 +377,10 @@ TEST_CASE("prefault backs the whole arena and leaves loaded blocks as they were"
   const auto loaded = cache.stats();
   REQUIRE(loaded.prefaulted_bytes == 0);
   cache.start_prefault();
-  REQUIRE(prefault_done(cache));
+  // SCHED_IDLE: on a machine busy with other tests it may wait long for a free CPU.
+  REQUIRE(eventually([&] { return cache.stats().prefault_finished; }, 60));
+  const auto done = cache.stats();
+  REQUIRE(done.prefaulted_bytes == done.blocks * done.block_size);
   // The blocks loaded before still hold the source's bytes, and are still cached.
   for (std::uint64_t b = 0; b < 40; ++b) {
     cache.read(b << 16, buf);
