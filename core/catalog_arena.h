@@ -57,6 +57,15 @@ class CatalogArena {
             v.size()};
   }
 
+  // Room for |capacity| elements (at least |v|'s), the first v.size() copied from |v|: for an
+  // array that grows (a pickle's list), which moves to a larger copy and leaves the old behind.
+  template <class T>
+  std::span<T> add_with_room(std::span<const T> v, std::size_t capacity) {
+    static_assert(std::is_trivially_copyable_v<T>);
+    return {static_cast<T*>(copy(v.data(), v.size_bytes(), capacity * sizeof(T), alignof(T))),
+            capacity};
+  }
+
   // Like add(), but equal contents share one copy: for values most tensors repeat (shapes,
   // strides, wrapper class names, storage locations).
   std::string_view intern(std::string_view s) {

@@ -31,19 +31,19 @@ bool is_tensor_function(std::string_view name) {
 // Legacy whole-module pickles also persist classes as ('module', cls, file, source).
 bool is_storage_pid(const ValueArena& a, ValueId ref) {
   if (a[ref].kind != ValueKind::PersistentRef) return false;
-  const Value& pid = a[a[ref].items[0]];
-  return pid.kind == ValueKind::Tuple && !pid.items.empty() &&
-         a[pid.items[0]].kind == ValueKind::Str && a[pid.items[0]].text == "storage";
+  const Value& pid = a[a[ref].items()[0]];
+  return pid.kind == ValueKind::Tuple && !pid.items().empty() &&
+         a[pid.items()[0]].kind == ValueKind::Str && a[pid.items()[0]].text() == "storage";
 }
 
 // A class reference: a GLOBAL, or a legacy ('module', GLOBAL, file, source) persistent id.
 ValueId class_global(const ValueArena& a, ValueId cls) {
   if (cls != kNoValue && a[cls].kind == ValueKind::PersistentRef) {
-    const Value& pid = a[a[cls].items[0]];
-    if (pid.kind == ValueKind::Tuple && pid.items.size() >= 2 &&
-        a[pid.items[0]].kind == ValueKind::Str && a[pid.items[0]].text == "module" &&
-        a[pid.items[1]].kind == ValueKind::Global) {
-      return pid.items[1];
+    const Value& pid = a[a[cls].items()[0]];
+    if (pid.kind == ValueKind::Tuple && pid.items().size() >= 2 &&
+        a[pid.items()[0]].kind == ValueKind::Str && a[pid.items()[0]].text() == "module" &&
+        a[pid.items()[1]].kind == ValueKind::Global) {
+      return pid.items()[1];
     }
   }
   return cls;
@@ -89,16 +89,16 @@ bool CatalogBuilder::is_container(ValueId v) const {
 static std::optional<std::vector<std::int64_t>> int_tuple(const ValueArena& a, ValueId v) {
   if (v == kNoValue) return std::nullopt;
   const Value* t = &a[v];
-  if (t->kind == ValueKind::Object && a.is_global(t->cls, "torch.Size") && t->args != kNoValue &&
-      !a[t->args].items.empty()) {
-    t = &a[a[t->args].items[0]];
+  if (t->kind == ValueKind::Object && a.is_global(t->cls(), "torch.Size") &&
+      t->args() != kNoValue && !a[t->args()].items().empty()) {
+    t = &a[a[t->args()].items()[0]];
   }
   if (t->kind != ValueKind::Tuple && t->kind != ValueKind::List) return std::nullopt;
   std::vector<std::int64_t> out;
-  out.reserve(t->items.size());
-  for (ValueId i : t->items) {
+  out.reserve(t->items().size());
+  for (ValueId i : t->items()) {
     if (a[i].kind != ValueKind::Int) return std::nullopt;
-    out.push_back(a[i].integer);
+    out.push_back(a[i].integer());
   }
   return out;
 }
@@ -109,7 +109,7 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(std::s
   if (args_id == kNoValue || depth > 8) return std::nullopt;
   const Value& args = arena_[args_id];
   if (args.kind != ValueKind::Tuple && args.kind != ValueKind::List) return std::nullopt;
-  const auto& argv = args.items;
+  const auto& argv = args.items();
 
   if (fn == "torch._utils._rebuild_parameter" ||
       fn == "torch._utils._rebuild_parameter_with_state" || fn == "torch.nn.parameter.Parameter") {
@@ -125,10 +125,10 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(std::s
   if (fn == "torch._tensor._rebuild_from_type_v2" || fn == "torch._tensor._rebuild_from_type") {
     // (func, new_type, args, state): the tensor is func(*args); new_type is only recorded.
     if (argv.size() < 3 || arena_[argv[0]].kind != ValueKind::Global) return std::nullopt;
-    auto inner = parse_rebuild(arena_[argv[0]].text, argv[2], depth + 1);
+    auto inner = parse_rebuild(arena_[argv[0]].text(), argv[2], depth + 1);
     if (inner && arena_[argv[1]].kind == ValueKind::Global &&
-        arena_[argv[1]].text != "torch.Tensor" && inner->info.wrapper().empty()) {
-      inner->info.set_wrapper(shared(arena_[argv[1]].text));
+        arena_[argv[1]].text() != "torch.Tensor" && inner->info.wrapper().empty()) {
+      inner->info.set_wrapper(shared(arena_[argv[1]].text()));
     }
     return inner;
   }
@@ -159,7 +159,7 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(std::s
             : fmt::format("tensor has {} dimensions; ckptfs serves at most {}", shape->size(),
                           TensorInfo::kMaxDims);
   }
-  t.storage_offset = arena_[argv[1]].integer;
+  t.storage_offset = arena_[argv[1]].integer();
   if (!quantized && argv.size() > 4 && arena_[argv[4]].kind == ValueKind::Bool)
     t.requires_grad = arena_[argv[4]].boolean;
 
@@ -167,12 +167,12 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(std::s
     t.set_error("tensor storage is not a storage reference");
     return p;
   }
-  ResolvedStorage rs = resolve_(arena_[argv[0]].items[0]);
+  ResolvedStorage rs = resolve_(arena_[argv[0]].items()[0]);
   t.set_dtype(*rs.dtype);
   if (v3) {
     const DType* dt = nullptr;
     if (argv.size() > 6 && arena_[argv[6]].kind == ValueKind::Global)
-      dt = dtype_by_name(arena_[argv[6]].text);
+      dt = dtype_by_name(arena_[argv[6]].text());
     if (!dt) {
       t.set_error("unknown dtype in _rebuild_tensor_v3");
       return p;
@@ -188,13 +188,13 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_rebuild(std::s
   // which is exact for IEEE-style floats and complex; anything else is refused.
   std::size_t meta_at = v2 ? 6 : v3 ? 7 : SIZE_MAX;
   if (meta_at < argv.size() && arena_[argv[meta_at]].kind == ValueKind::Dict) {
-    const auto& kv = arena_[argv[meta_at]].items;
+    const auto& kv = arena_[argv[meta_at]].items();
     for (std::size_t i = 0; i + 1 < kv.size(); i += 2) {
       const Value& k = arena_[kv[i]];
       const Value& val = arena_[kv[i + 1]];
       if (k.kind != ValueKind::Str || val.kind != ValueKind::Bool || !val.boolean) continue;
-      if (k.text == "conj") t.conj = true;
-      if (k.text == "neg") t.neg = true;
+      if (k.text() == "conj") t.conj = true;
+      if (k.text() == "neg") t.neg = true;
     }
     const std::string_view dn = t.dtype().name;
     const bool floating = dn.starts_with("float") || dn == "bfloat16" || t.dtype().is_complex;
@@ -221,7 +221,7 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
   const Value& val = arena_[v];
   if (is_storage_pid(arena_, v)) {
     // A bare storage (torch.save(storage)): expose it whole, as a 1-D tensor of its type.
-    ResolvedStorage rs = resolve_(val.items[0]);
+    ResolvedStorage rs = resolve_(val.items()[0]);
     ParsedTensor p;
     p.info.set_dtype(*rs.dtype);
     p.info.set_wrapper("storage");
@@ -237,11 +237,11 @@ std::optional<CatalogBuilder::ParsedTensor> CatalogBuilder::parse_tensor(ValueId
                      shared(std::span(numel_and_one.data() + 1, 1)));
     return p;
   }
-  if (val.kind != ValueKind::Object || arena_[val.cls].kind != ValueKind::Global)
+  if (val.kind != ValueKind::Object || arena_[val.cls()].kind != ValueKind::Global)
     return std::nullopt;
-  const std::string_view fn = arena_[val.cls].text;
+  const std::string_view fn = arena_[val.cls()].text();
   if (!is_tensor_function(fn)) return std::nullopt;
-  return parse_rebuild(fn, val.args, depth);
+  return parse_rebuild(fn, val.args(), depth);
 }
 
 std::uint32_t CatalogBuilder::register_storage(const StorageSpec& s) {
@@ -298,8 +298,8 @@ bool CatalogBuilder::contains_tensor(ValueId v, int depth) {
   auto [it, inserted] = has_tensor_.emplace(v, -1);
   if (!inserted) return it->second == 1;  // -1: a cycle back to an ancestor adds nothing
   bool found = false;
-  if (val.kind == ValueKind::Object && arena_[val.cls].kind == ValueKind::Global &&
-      is_tensor_function(arena_[val.cls].text)) {
+  if (val.kind == ValueKind::Object && arena_[val.cls()].kind == ValueKind::Global &&
+      is_tensor_function(arena_[val.cls()].text())) {
     found = true;
   } else {
     for (const Child& c : children_of(v)) {
@@ -320,25 +320,25 @@ KeyPart CatalogBuilder::key_part(ValueId key) {
   switch (k.kind) {
     case ValueKind::Str:
     case ValueKind::BigInt:
-      if (k.text.size() > std::numeric_limits<std::uint32_t>::max())
+      if (k.text().size() > std::numeric_limits<std::uint32_t>::max())
         throw FormatError("a dict key or attribute name is longer than 4 GiB");
-      return KeyPart::of_text(k.text);
+      return KeyPart::of_text(k.text());
     case ValueKind::Int:
-      return KeyPart::of_number(k.integer);
+      return KeyPart::of_number(k.integer());
     case ValueKind::Bool:
       return KeyPart::of_text(k.boolean ? "True" : "False");
     case ValueKind::None:
       return KeyPart::of_text("None");
     case ValueKind::Float:
-      return KeyPart::of_text(keep(fmt::format("{}", k.real)));
+      return KeyPart::of_text(keep(fmt::format("{}", k.real())));
     case ValueKind::Tuple: {
       std::string text = "(";
-      for (std::size_t i = 0; i < k.items.size(); ++i) {
-        KeyPart sub = key_part(k.items[i]);
+      for (std::size_t i = 0; i < k.items().size(); ++i) {
+        KeyPart sub = key_part(k.items()[i]);
         if (i) text += ", ";
         text += sub.str();
       }
-      text += k.items.size() == 1 ? ",)" : ")";
+      text += k.items().size() == 1 ? ",)" : ")";
       return KeyPart::of_text(keep(text));
     }
     default:
@@ -352,7 +352,7 @@ std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) {
   auto number = [](std::size_t i) { return KeyPart::of_number(static_cast<std::int64_t>(i)); };
   auto named = [](std::string_view s) { return KeyPart::of_text(s); };
   auto add_dict = [&](ValueId d) {
-    const auto& kv = arena_[d].items;
+    const auto& kv = arena_[d].items();
     for (std::size_t i = 0; i + 1 < kv.size(); i += 2) out.push_back({key_part(kv[i]), kv[i + 1]});
   };
   switch (val.kind) {
@@ -362,31 +362,32 @@ std::vector<CatalogBuilder::Child> CatalogBuilder::children_of(ValueId v) {
     case ValueKind::List:
     case ValueKind::Tuple:
     case ValueKind::Set:
-      for (std::size_t i = 0; i < val.items.size(); ++i) out.push_back({number(i), val.items[i]});
+      for (std::size_t i = 0; i < val.items().size(); ++i)
+        out.push_back({number(i), val.items()[i]});
       break;
     case ValueKind::Object: {
-      out.push_back({named("__class__"), class_global(arena_, val.cls)});
-      if (val.state != kNoValue) {
-        const Value& st = arena_[val.state];
+      out.push_back({named("__class__"), class_global(arena_, val.cls())});
+      if (val.state() != kNoValue) {
+        const Value& st = arena_[val.state()];
         if (st.kind == ValueKind::Dict) {
-          add_dict(val.state);
-        } else if (st.kind == ValueKind::Tuple && st.items.size() == 2 &&
-                   (arena_[st.items[0]].kind == ValueKind::Dict ||
-                    arena_[st.items[0]].kind == ValueKind::None) &&
-                   arena_[st.items[1]].kind == ValueKind::Dict) {
-          if (arena_[st.items[0]].kind == ValueKind::Dict) add_dict(st.items[0]);
-          add_dict(st.items[1]);  // (__dict__, __slots__ values)
+          add_dict(val.state());
+        } else if (st.kind == ValueKind::Tuple && st.items().size() == 2 &&
+                   (arena_[st.items()[0]].kind == ValueKind::Dict ||
+                    arena_[st.items()[0]].kind == ValueKind::None) &&
+                   arena_[st.items()[1]].kind == ValueKind::Dict) {
+          if (arena_[st.items()[0]].kind == ValueKind::Dict) add_dict(st.items()[0]);
+          add_dict(st.items()[1]);  // (__dict__, __slots__ values)
         } else {
-          out.push_back({named("__state__"), val.state});
+          out.push_back({named("__state__"), val.state()});
         }
       }
-      if (val.args != kNoValue && !arena_[val.args].items.empty())
-        out.push_back({named("__args__"), val.args});
+      if (val.args() != kNoValue && !arena_[val.args()].items().empty())
+        out.push_back({named("__args__"), val.args()});
       // A dict or list subclass (Lightning's AttributeDict, ...) shows its items directly,
       // as they are what the object holds.
-      if (val.dict_items != kNoValue) add_dict(val.dict_items);
-      if (val.list_items != kNoValue) {
-        const auto& items = arena_[val.list_items].items;
+      if (val.dict_items() != kNoValue) add_dict(val.dict_items());
+      if (val.list_items() != kNoValue) {
+        const auto& items = arena_[val.list_items()].items();
         for (std::size_t i = 0; i < items.size(); ++i) out.push_back({number(i), items[i]});
       }
       break;
@@ -456,8 +457,8 @@ void CatalogBuilder::fill_entries(NodeIndex dir, const std::vector<Child>& kids,
     const Value& cv = arena_[c.value];
     if (p.tensor && p.tensor->quantized) {
       p.special = "quantized tensor";
-    } else if (cv.kind == ValueKind::Object && arena_[cv.cls].kind == ValueKind::Global) {
-      if (const char* kind = special_tensor_kind(arena_[cv.cls].text)) p.special = kind;
+    } else if (cv.kind == ValueKind::Object && arena_[cv.cls()].kind == ValueKind::Global) {
+      if (const char* kind = special_tensor_kind(arena_[cv.cls()].text())) p.special = kind;
     }
     if (p.tensor && !p.tensor->quantized) {
       p.what = Pending::Tensor;
@@ -654,7 +655,7 @@ void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<
     return;
   }
   if (compound) on_path.push_back(v);
-  auto render_list = [&](const std::vector<ValueId>& items) {
+  auto render_list = [&](std::span<const ValueId> items) {
     out.push_back('[');
     for (std::size_t i = 0; i < items.size(); ++i) {
       if (i) out += ", ";
@@ -670,43 +671,43 @@ void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<
       out += val.boolean ? "true" : "false";
       break;
     case ValueKind::Int:
-      out += fmt::format("{}", val.integer);
+      out += fmt::format("{}", val.integer());
       break;
     case ValueKind::BigInt:
-      out += val.text;
+      out += val.text();
       break;
     case ValueKind::Float:
-      append_json_number(out, val.real);
+      append_json_number(out, val.real());
       break;
     case ValueKind::Str:
-      append_json_string(out, val.text);
+      append_json_string(out, val.text());
       break;
     case ValueKind::Bytes: {
       out += "{\"__bytes_hex__\": \"";
-      for (char c : val.text) out += fmt::format("{:02x}", static_cast<unsigned char>(c));
+      for (char c : val.text()) out += fmt::format("{:02x}", static_cast<unsigned char>(c));
       out += "\"}";
       break;
     }
     case ValueKind::Tuple:
     case ValueKind::List:
     case ValueKind::Set:
-      render_list(val.items);
+      render_list(val.items());
       break;
     case ValueKind::Dict: {
       out.push_back('{');
-      for (std::size_t i = 0; i + 1 < val.items.size(); i += 2) {
+      for (std::size_t i = 0; i + 1 < val.items().size(); i += 2) {
         if (i) out += ", ";
-        KeyPart k = key_part(val.items[i]);
+        KeyPart k = key_part(val.items()[i]);
         append_json_string(out, k.str());
         out += ": ";
-        render(out, val.items[i + 1], depth + 1, on_path);
+        render(out, val.items()[i + 1], depth + 1, on_path);
       }
       out.push_back('}');
       break;
     }
     case ValueKind::Global:
       out += "{\"__global__\": ";
-      append_json_string(out, val.text);
+      append_json_string(out, val.text());
       out += "}";
       break;
     case ValueKind::PersistentRef:
@@ -715,32 +716,32 @@ void CatalogBuilder::render(std::string& out, ValueId v, int depth, std::vector<
         break;
       }
       out += "{\"__persistent_id__\": ";
-      render(out, val.items[0], depth + 1, on_path);
+      render(out, val.items()[0], depth + 1, on_path);
       out += "}";
       break;
     case ValueKind::Object: {
       out += "{\"__class__\": ";
-      const Value& cls = arena_[class_global(arena_, val.cls)];
+      const Value& cls = arena_[class_global(arena_, val.cls())];
       if (cls.kind == ValueKind::Global) {
-        append_json_string(out, cls.text);
+        append_json_string(out, cls.text());
       } else {
-        render(out, val.cls, depth + 1, on_path);
+        render(out, val.cls(), depth + 1, on_path);
       }
-      if (val.args != kNoValue && !arena_[val.args].items.empty()) {
+      if (val.args() != kNoValue && !arena_[val.args()].items().empty()) {
         out += ", \"args\": ";
-        render(out, val.args, depth + 1, on_path);
+        render(out, val.args(), depth + 1, on_path);
       }
-      if (val.state != kNoValue) {
+      if (val.state() != kNoValue) {
         out += ", \"state\": ";
-        render(out, val.state, depth + 1, on_path);
+        render(out, val.state(), depth + 1, on_path);
       }
-      if (val.dict_items != kNoValue) {
+      if (val.dict_items() != kNoValue) {
         out += ", \"items\": ";
-        render(out, val.dict_items, depth + 1, on_path);
+        render(out, val.dict_items(), depth + 1, on_path);
       }
-      if (val.list_items != kNoValue) {
+      if (val.list_items() != kNoValue) {
         out += ", \"list\": ";
-        render(out, val.list_items, depth + 1, on_path);
+        render(out, val.list_items(), depth + 1, on_path);
       }
       out += "}";
       break;
@@ -767,8 +768,9 @@ void CatalogBuilder::build(ValueId root, std::string format, bool big_endian) {
   std::size_t calls = 0;
   for (ValueId v = 0; v < arena_.size(); ++v) {
     const Value& val = arena_[v];
-    if (val.kind == ValueKind::Object && val.cls != kNoValue &&
-        arena_[val.cls].kind == ValueKind::Global && is_tensor_function(arena_[val.cls].text)) {
+    if (val.kind == ValueKind::Object && val.cls() != kNoValue &&
+        arena_[val.cls()].kind == ValueKind::Global &&
+        is_tensor_function(arena_[val.cls()].text())) {
       ++calls;
     }
   }

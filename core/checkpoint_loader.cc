@@ -37,18 +37,18 @@ struct StoragePid {
 
 std::variant<StoragePid, std::string> parse_storage_pid(const ValueArena& arena, ValueId pid) {
   const Value& t = arena[pid];
-  if (t.kind != ValueKind::Tuple || t.items.size() < 5 ||
-      arena[t.items[0]].kind != ValueKind::Str || arena[t.items[0]].text != "storage" ||
-      arena[t.items[1]].kind != ValueKind::Global || arena[t.items[2]].kind != ValueKind::Str) {
+  if (t.kind != ValueKind::Tuple || t.items().size() < 5 ||
+      arena[t.items()[0]].kind != ValueKind::Str || arena[t.items()[0]].text() != "storage" ||
+      arena[t.items()[1]].kind != ValueKind::Global || arena[t.items()[2]].kind != ValueKind::Str) {
     return std::string(
         "unrecognised persistent id (not a ('storage', type, key, location, numel) tuple)");
   }
-  auto dt = dtype_of_storage_class(arena[t.items[1]].text);
-  if (!dt) return fmt::format("unknown storage type '{}'", arena[t.items[1]].text);
-  StoragePid p{dt, std::string(arena[t.items[2]].text), "", -1, kNoValue};
-  if (arena[t.items[3]].kind == ValueKind::Str) p.location = arena[t.items[3]].text;
-  if (arena[t.items[4]].kind == ValueKind::Int) p.numel = arena[t.items[4]].integer;
-  if (t.items.size() > 5 && arena[t.items[5]].kind == ValueKind::Tuple) p.view = t.items[5];
+  auto dt = dtype_of_storage_class(arena[t.items()[1]].text());
+  if (!dt) return fmt::format("unknown storage type '{}'", arena[t.items()[1]].text());
+  StoragePid p{dt, std::string(arena[t.items()[2]].text()), "", -1, kNoValue};
+  if (arena[t.items()[3]].kind == ValueKind::Str) p.location = arena[t.items()[3]].text();
+  if (arena[t.items()[4]].kind == ValueKind::Int) p.numel = arena[t.items()[4]].integer();
+  if (t.items().size() > 5 && arena[t.items()[5]].kind == ValueKind::Tuple) p.view = t.items()[5];
   return p;
 }
 
@@ -132,24 +132,26 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
     ResolvedStorage r;
     const Value& t = arena[pid];
-    if (t.kind != ValueKind::Tuple || t.items.size() < 5 ||
-        arena[t.items[0]].kind != ValueKind::Str || arena[t.items[0]].text != "storage" ||
-        arena[t.items[1]].kind != ValueKind::Global || arena[t.items[2]].kind != ValueKind::Str) {
+    if (t.kind != ValueKind::Tuple || t.items().size() < 5 ||
+        arena[t.items()[0]].kind != ValueKind::Str || arena[t.items()[0]].text() != "storage" ||
+        arena[t.items()[1]].kind != ValueKind::Global ||
+        arena[t.items()[2]].kind != ValueKind::Str) {
       r.error = "unrecognised persistent id (not a ('storage', type, key, location, numel) tuple)";
       return r;
     }
-    auto dt = dtype_of_storage_class(arena[t.items[1]].text);
+    auto dt = dtype_of_storage_class(arena[t.items()[1]].text());
     if (!dt) {
-      r.error = fmt::format("unknown storage type '{}'", arena[t.items[1]].text);
+      r.error = fmt::format("unknown storage type '{}'", arena[t.items()[1]].text());
       return r;
     }
-    const std::string_view key = arena[t.items[2]].text;
+    const std::string_view key = arena[t.items()[2]].text();
     r.dtype = dt;  // each reference names its own element type
     std::string record = prefix + "data/";
     record += key;
     r.storage.key = key;
     r.storage.record = record;
-    r.storage.location = arena[t.items[3]].kind == ValueKind::Str ? arena[t.items[3]].text : "";
+    r.storage.location =
+        arena[t.items()[3]].kind == ValueKind::Str ? arena[t.items()[3]].text() : "";
     if (auto it = inflated.find(key); it != inflated.end()) {
       r.storage.offset = it->second.offset;
       r.storage.nbytes = it->second.nbytes;
@@ -189,9 +191,9 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
         r.storage.nbytes = e->size;
         // torch sizes the storage by the numel it declares, not by the record: a declared size
         // below the record's limits what views may use (torch.load refuses larger views too).
-        if (arena[t.items[4]].kind == ValueKind::Int && arena[t.items[4]].integer >= 0) {
+        if (arena[t.items()[4]].kind == ValueKind::Int && arena[t.items()[4]].integer() >= 0) {
           std::uint64_t declared = 0;
-          if (!__builtin_mul_overflow(static_cast<std::uint64_t>(arena[t.items[4]].integer),
+          if (!__builtin_mul_overflow(static_cast<std::uint64_t>(arena[t.items()[4]].integer()),
                                       std::uint64_t{dt->itemsize}, &declared)) {
             r.storage.nbytes = std::min(r.storage.nbytes, declared);
           }
@@ -256,11 +258,11 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
       }
       magic_read = true;
       const Value& m = arena[magic];
-      if (m.kind != ValueKind::BigInt || m.text != "119547037146038801333356") {
+      if (m.kind != ValueKind::BigInt || m.text() != "119547037146038801333356") {
         throw FormatError("not a PyTorch checkpoint (legacy magic number missing)");
       }
       ValueId proto = reader.read();
-      if (arena[proto].kind != ValueKind::Int || arena[proto].integer != 1001) {
+      if (arena[proto].kind != ValueKind::Int || arena[proto].integer() != 1001) {
         throw FormatError("unsupported legacy torch.save protocol version");
       }
       reader.read();  // sys_info: informational; the storage section is little-endian
@@ -286,15 +288,15 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
   std::unordered_map<std::string, StoragePid> first_ref;
   for (ValueId i = 0; i < arena.size(); ++i) {
     if (arena[i].kind != ValueKind::PersistentRef) continue;
-    auto parsed = parse_storage_pid(arena, arena[i].items[0]);
+    auto parsed = parse_storage_pid(arena, arena[i].items()[0]);
     if (auto* sp = std::get_if<StoragePid>(&parsed)) first_ref.emplace(sp->key, *sp);
   }
   // One pass over the 8-byte headers; the data itself is not read.
   std::unordered_map<std::string, StorageSpec> located;
   std::uint64_t pos = data_start;
-  for (ValueId k : arena[keys].items) {
+  for (ValueId k : arena[keys].items()) {
     if (arena[k].kind != ValueKind::Str) throw FormatError("legacy storage key is not a string");
-    const std::string key(arena[k].text);
+    const std::string key(arena[k].text());
     auto ref = first_ref.find(key);
     if (ref == first_ref.end())
       throw FormatError(fmt::format("legacy storage '{}' is never referenced", key));
@@ -338,15 +340,15 @@ LoadedCheckpoint load_torch_legacy(const ByteSource& source) {
     r.storage = it->second;
     if (sp.view != kNoValue) {
       // A pre-1.0 storage view: (view_key, offset, size) in elements of the root storage.
-      const auto& v = arena[sp.view].items;
+      const auto& v = arena[sp.view].items();
       if (v.size() != 3 || arena[v[1]].kind != ValueKind::Int ||
-          arena[v[2]].kind != ValueKind::Int || arena[v[1]].integer < 0 ||
-          arena[v[2]].integer < 0) {
+          arena[v[2]].kind != ValueKind::Int || arena[v[1]].integer() < 0 ||
+          arena[v[2]].integer() < 0) {
         r.error = "malformed legacy storage view";
         return r;
       }
-      std::uint64_t off = static_cast<std::uint64_t>(arena[v[1]].integer) * sp.dtype->itemsize;
-      std::uint64_t len = static_cast<std::uint64_t>(arena[v[2]].integer) * sp.dtype->itemsize;
+      std::uint64_t off = static_cast<std::uint64_t>(arena[v[1]].integer()) * sp.dtype->itemsize;
+      std::uint64_t len = static_cast<std::uint64_t>(arena[v[2]].integer()) * sp.dtype->itemsize;
       if (off > r.storage.nbytes || len > r.storage.nbytes - off) {
         r.error = "legacy storage view reaches outside its storage";
         return r;

@@ -5,6 +5,8 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
+#include <optional>
+#include <span>
 #include <vector>
 
 #include "dtype.h"
@@ -22,10 +24,11 @@ bool is_one_of(std::string_view name, std::initializer_list<const char*> names) 
   return false;
 }
 
-const std::vector<ValueId>* args_of(const ValueArena& a, const Value& obj) {
-  if (obj.args == kNoValue) return nullptr;
-  const Value& t = a[obj.args];
-  return t.kind == ValueKind::Tuple || t.kind == ValueKind::List ? &t.items : nullptr;
+std::optional<std::span<const ValueId>> args_of(const ValueArena& a, const Value& obj) {
+  if (obj.args() == kNoValue) return std::nullopt;
+  const Value& t = a[obj.args()];
+  if (t.kind != ValueKind::Tuple && t.kind != ValueKind::List) return std::nullopt;
+  return t.items();
 }
 
 // A numpy dtype pickled as REDUCE numpy.dtype('f8', False, True) + BUILD (3, '<', ...).
@@ -39,10 +42,10 @@ struct NumpyType {
 std::optional<NumpyType> numpy_type(const ValueArena& a, ValueId v) {
   if (v == kNoValue || a[v].kind != ValueKind::Object) return std::nullopt;
   const Value& o = a[v];
-  if (!a.is_global(o.cls, "numpy.dtype")) return std::nullopt;
-  const auto* args = args_of(a, o);
-  if (args == nullptr || args->empty() || a[(*args)[0]].kind != ValueKind::Str) return std::nullopt;
-  const std::string_view d = a[(*args)[0]].text;
+  if (!a.is_global(o.cls(), "numpy.dtype")) return std::nullopt;
+  const auto args = args_of(a, o);
+  if (!args || args->empty() || a[(*args)[0]].kind != ValueKind::Str) return std::nullopt;
+  const std::string_view d = a[(*args)[0]].text();
   if (d.size() < 2) return std::nullopt;
   NumpyType t;
   t.kind = d[0];
@@ -50,9 +53,10 @@ std::optional<NumpyType> numpy_type(const ValueArena& a, ValueId v) {
   std::from_chars(d.data() + 1, d.data() + d.size(), size);
   t.size = size;
   char order = '|';
-  if (o.state != kNoValue && a[o.state].kind == ValueKind::Tuple && a[o.state].items.size() > 1 &&
-      a[a[o.state].items[1]].kind == ValueKind::Str && !a[a[o.state].items[1]].text.empty()) {
-    order = a[a[o.state].items[1]].text[0];
+  if (o.state() != kNoValue && a[o.state()].kind == ValueKind::Tuple &&
+      a[o.state()].items().size() > 1 && a[a[o.state()].items()[1]].kind == ValueKind::Str &&
+      !a[a[o.state()].items()[1]].text().empty()) {
+    order = a[a[o.state()].items()[1]].text()[0];
   }
   t.big_endian = order == '>';
   // The values are decoded to numbers, so report the type as numpy loads it: native order.
@@ -127,11 +131,10 @@ void append_scalar(std::string& out, const NumpyType& t, const unsigned char* p)
 }
 
 std::optional<std::string> numpy_scalar(const ValueArena& a, const Value& o) {
-  const auto* args = args_of(a, o);
-  if (args == nullptr || args->size() != 2 || a[(*args)[1]].kind != ValueKind::Bytes)
-    return std::nullopt;
+  const auto args = args_of(a, o);
+  if (!args || args->size() != 2 || a[(*args)[1]].kind != ValueKind::Bytes) return std::nullopt;
   auto t = numpy_type(a, (*args)[0]);
-  const std::string_view raw = a[(*args)[1]].text;
+  const std::string_view raw = a[(*args)[1]].text();
   if (!t || raw.size() != t->size) return std::nullopt;
   std::string out;
   append_scalar(out, *t, reinterpret_cast<const unsigned char*>(raw.data()));
@@ -140,20 +143,21 @@ std::optional<std::string> numpy_scalar(const ValueArena& a, const Value& o) {
 
 std::optional<std::string> numpy_array(const ValueArena& a, const Value& o) {
   // _reconstruct(ndarray, (0,), b'b') + BUILD (version, shape, dtype, is_fortran, raw bytes)
-  if (o.state == kNoValue || a[o.state].kind != ValueKind::Tuple || a[o.state].items.size() != 5)
+  if (o.state() == kNoValue || a[o.state()].kind != ValueKind::Tuple ||
+      a[o.state()].items().size() != 5)
     return std::nullopt;
-  const auto& st = a[o.state].items;
+  const auto& st = a[o.state()].items();
   auto t = numpy_type(a, st[2]);
   if (!t || a[st[1]].kind != ValueKind::Tuple || a[st[4]].kind != ValueKind::Bytes)
     return std::nullopt;
   std::vector<std::uint64_t> shape;
   std::uint64_t count = 1;
-  for (ValueId d : a[st[1]].items) {
-    if (a[d].kind != ValueKind::Int || a[d].integer < 0) return std::nullopt;
-    shape.push_back(static_cast<std::uint64_t>(a[d].integer));
+  for (ValueId d : a[st[1]].items()) {
+    if (a[d].kind != ValueKind::Int || a[d].integer() < 0) return std::nullopt;
+    shape.push_back(static_cast<std::uint64_t>(a[d].integer()));
     if (__builtin_mul_overflow(count, shape.back(), &count)) return std::nullopt;
   }
-  const std::string_view raw = a[st[4]].text;
+  const std::string_view raw = a[st[4]].text();
   if (count * t->size != raw.size()) return std::nullopt;
   const bool fortran = a[st[3]].kind == ValueKind::Bool && a[st[3]].boolean;
   std::string out = "{\"__ndarray__\": {\"dtype\": ";
@@ -200,31 +204,32 @@ std::optional<std::string> render_known_object(const ValueArena& a, ValueId v) {
   const Value& val = a[v];
   if (val.kind == ValueKind::Global) {
     // torch.float32, torch.qint8, ...: a dtype reads as its name.
-    if (val.text.starts_with("torch.") && val.text.find('.', 6) == std::string::npos &&
-        dtype_by_name(val.text)) {
+    if (val.text().starts_with("torch.") && val.text().find('.', 6) == std::string::npos &&
+        dtype_by_name(val.text())) {
       std::string out;
-      append_json_string(out, val.text);
+      append_json_string(out, val.text());
       return out;
     }
     return std::nullopt;
   }
-  if (val.kind != ValueKind::Object || val.cls == kNoValue || a[val.cls].kind != ValueKind::Global)
+  if (val.kind != ValueKind::Object || val.cls() == kNoValue ||
+      a[val.cls()].kind != ValueKind::Global)
     return std::nullopt;
-  const std::string_view cls = a[val.cls].text;
-  const auto* args = args_of(a, val);
+  const std::string_view cls = a[val.cls()].text();
+  const auto args = args_of(a, val);
   if (cls == "torch.Size" && args && args->size() == 1 && a[(*args)[0]].kind == ValueKind::Tuple) {
     std::string out = "[";
-    for (std::size_t i = 0; i < a[(*args)[0]].items.size(); ++i) {
-      const Value& d = a[a[(*args)[0]].items[i]];
+    for (std::size_t i = 0; i < a[(*args)[0]].items().size(); ++i) {
+      const Value& d = a[a[(*args)[0]].items()[i]];
       if (d.kind != ValueKind::Int) return std::nullopt;
-      out += fmt::format("{}{}", i ? ", " : "", d.integer);
+      out += fmt::format("{}{}", i ? ", " : "", d.integer());
     }
     return out + "]";
   }
   if (cls == "torch.device" && args && !args->empty() && a[(*args)[0]].kind == ValueKind::Str) {
-    std::string dev(a[(*args)[0]].text);
+    std::string dev(a[(*args)[0]].text());
     if (args->size() > 1 && a[(*args)[1]].kind == ValueKind::Int)
-      dev += fmt::format(":{}", a[(*args)[1]].integer);
+      dev += fmt::format(":{}", a[(*args)[1]].integer());
     std::string out;
     append_json_string(out, dev);
     return out;
@@ -232,7 +237,7 @@ std::optional<std::string> render_known_object(const ValueArena& a, ValueId v) {
   if (cls == "torch.serialization._get_layout" && args && args->size() == 1 &&
       a[(*args)[0]].kind == ValueKind::Str) {
     std::string out;
-    append_json_string(out, a[(*args)[0]].text);
+    append_json_string(out, a[(*args)[0]].text());
     return out;
   }
   if (is_one_of(cls, {"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"}))

@@ -12,13 +12,54 @@
 
 namespace ckptfs {
 
-ValueId ValueArena::add(Value v) {
+ValueId ValueArena::add(const NewValue& v) {
   if (values_.size() >= max_values_) {
     throw FormatError(
         fmt::format("pickle builds more than {} objects (refused as a bomb)", max_values_));
   }
-  values_.push_back(std::move(v));
+  constexpr std::size_t kMaxCount = std::numeric_limits<std::uint32_t>::max();
+  Value out;
+  out.kind = v.kind;
+  out.boolean = v.boolean;
+  if (Value::has_text(v.kind)) {
+    if (v.text.size() > kMaxCount) throw FormatError("pickle holds a text of 4 GiB or more");
+    out.u_.text = v.text.data();
+    out.count_ = static_cast<std::uint32_t>(v.text.size());
+  } else if (Value::has_items(v.kind)) {
+    if (v.items.size() > kMaxCount) throw FormatError("pickle holds 4 billion items or more");
+    out.u_.list = {nullptr, 0};
+    if (!v.items.empty()) {
+      auto room = chunks_.add_with_room(std::span<const ValueId>(v.items), v.items.size());
+      out.u_.list = {room.data(), static_cast<std::uint32_t>(v.items.size())};
+    }
+    out.count_ = static_cast<std::uint32_t>(v.items.size());
+  } else if (v.kind == ValueKind::Int) {
+    out.u_.integer = v.integer;
+  } else if (v.kind == ValueKind::Float) {
+    out.u_.real = v.real;
+  } else if (v.kind == ValueKind::Object) {
+    out.u_.object = {v.cls, v.args, kNoValue, kNoValue, kNoValue};
+  }
+  values_.push_back(out);
   return static_cast<ValueId>(values_.size() - 1);
+}
+
+void ValueArena::append_items(ValueId id, std::span<const ValueId> more) {
+  Value& v = values_[id];
+  if (!Value::has_items(v.kind) || more.empty()) return;
+  constexpr std::size_t kMaxCount = std::numeric_limits<std::uint32_t>::max();
+  const std::size_t n = std::size_t{v.count_} + more.size();
+  if (n > kMaxCount) throw FormatError("pickle holds 4 billion items or more");
+  if (n > v.u_.list.capacity) {
+    // Doubling: a list APPENDed item by item moves O(log n) times; what it leaves behind in
+    // the chunks is less than its final size.
+    const std::size_t room =
+        std::min(kMaxCount, std::max({n, 2 * std::size_t{v.u_.list.capacity}, std::size_t{4}}));
+    auto moved = chunks_.add_with_room(std::span<const ValueId>(v.u_.list.data, v.count_), room);
+    v.u_.list = {moved.data(), static_cast<std::uint32_t>(room)};
+  }
+  std::copy(more.begin(), more.end(), v.u_.list.data + v.count_);
+  v.count_ = static_cast<std::uint32_t>(n);
 }
 
 namespace {
@@ -248,7 +289,7 @@ T PickleReader::take_le() {
 
 // None, booleans and small ints are immutable: one shared value each. Checkpoints are full
 // of them (offsets, shapes, strides, requires_grad), a third of all values otherwise.
-ValueId PickleReader::push_scalar(Value v) {
+ValueId PickleReader::push_scalar(const NewValue& v) {
   ValueId* slot = nullptr;
   if (v.kind == ValueKind::None) {
     slot = &none_;
@@ -259,8 +300,8 @@ ValueId PickleReader::push_scalar(Value v) {
     if (small_ints_.empty()) small_ints_.assign(kSmallIntBias + kSmallIntLimit, kNoValue);
     slot = &small_ints_[static_cast<std::size_t>(v.integer + kSmallIntBias)];
   }
-  if (slot == nullptr) return push_new(std::move(v));
-  if (*slot == kNoValue) *slot = arena_.add(std::move(v));
+  if (slot == nullptr) return push_new(v);
+  if (*slot == kNoValue) *slot = arena_.add(v);
   push(*slot);
   return *slot;
 }
@@ -273,8 +314,9 @@ bool PickleReader::is_shared_scalar(ValueId id) const {
     case ValueKind::Bool:
       return id == true_ || id == false_;
     case ValueKind::Int:
-      return v.integer >= -kSmallIntBias && v.integer < kSmallIntLimit && !small_ints_.empty() &&
-             small_ints_[static_cast<std::size_t>(v.integer + kSmallIntBias)] == id;
+      return v.integer() >= -kSmallIntBias && v.integer() < kSmallIntLimit &&
+             !small_ints_.empty() &&
+             small_ints_[static_cast<std::size_t>(v.integer() + kSmallIntBias)] == id;
     default:
       return false;
   }
@@ -305,16 +347,16 @@ ValueId PickleReader::push_tuple(std::vector<ValueId> items) {
       return it->second;
     }
   }
-  Value v;
+  NewValue v;
   v.kind = ValueKind::Tuple;
   v.items = std::move(items);
-  ValueId id = push_new(std::move(v));
+  ValueId id = push_new(v);
   if (shareable) shared_tuples_.emplace(key, id);
   return id;
 }
 
-ValueId PickleReader::push_new(Value v) {
-  ValueId id = arena_.add(std::move(v));
+ValueId PickleReader::push_new(const NewValue& v) {
+  ValueId id = arena_.add(v);
   push(id);
   return id;
 }
@@ -349,14 +391,14 @@ std::vector<ValueId> PickleReader::pop_mark() {
 
 ValueId PickleReader::make_global(std::string module, std::string name) {
   auto [m, n] = canonical_global(std::move(module), std::move(name));
-  Value v;
+  NewValue v;
   v.kind = ValueKind::Global;
   v.text = arena_.keep(m + "." + n);
-  return arena_.add(std::move(v));
+  return arena_.add(v);
 }
 
 ValueId PickleReader::make_int_from_le(std::span<const std::byte> bytes) {
-  Value v;
+  NewValue v;
   if (bytes.size() <= 8) {
     std::uint64_t u = 0;
     for (std::size_t i = 0; i < bytes.size(); ++i)
@@ -376,42 +418,46 @@ ValueId PickleReader::make_int_from_le(std::span<const std::byte> bytes) {
       v.text = {};
     }
   }
-  return arena_.add(std::move(v));
+  return arena_.add(v);
 }
 
 // REDUCE and NEWOBJ. Plain data constructors are interpreted; everything else stays opaque.
 ValueId PickleReader::call(ValueId callable, ValueId args, bool newobj) {
   const Value& c = arena_[callable];
   const Value& a = arena_[args];
-  const std::vector<ValueId> argv =
-      a.kind == ValueKind::Tuple || a.kind == ValueKind::List ? a.items : std::vector<ValueId>{};
+  // The arena's chunks: the values may move as more are added, their items do not (nothing
+  // appends to |a| here).
+  const std::span<const ValueId> argv = a.kind == ValueKind::Tuple || a.kind == ValueKind::List
+                                            ? a.items()
+                                            : std::span<const ValueId>();
   if (c.kind == ValueKind::Global) {
-    const std::string_view name = c.text;  // the arena's bytes: |c| may move, they do not
+    const std::string_view name = c.text();  // the arena's bytes: |c| may move, they do not
     if (name == "collections.OrderedDict" || name == "builtins.dict" ||
         name == "collections.Counter" || name == "collections.defaultdict") {
-      Value d;
+      NewValue d;
       d.kind = ValueKind::Dict;
       // defaultdict's first argument is the default factory, not content.
       std::size_t content = name == "collections.defaultdict" ? 1 : 0;
       if (!newobj && argv.size() > content) {
         const Value& src = arena_[argv[content]];
         if (src.kind == ValueKind::Dict) {
-          d.items = src.items;
+          d.items.assign(src.items().begin(), src.items().end());
         } else if (src.kind == ValueKind::List || src.kind == ValueKind::Tuple) {
-          for (ValueId pair : src.items) {
+          for (ValueId pair : src.items()) {
             const Value& p = arena_[pair];
-            if ((p.kind == ValueKind::Tuple || p.kind == ValueKind::List) && p.items.size() == 2) {
-              d.items.push_back(p.items[0]);
-              d.items.push_back(p.items[1]);
+            if ((p.kind == ValueKind::Tuple || p.kind == ValueKind::List) &&
+                p.items().size() == 2) {
+              d.items.push_back(p.items()[0]);
+              d.items.push_back(p.items()[1]);
             }
           }
         }
       }
-      return arena_.add(std::move(d));
+      return arena_.add(d);
     }
     if (name == "builtins.set" || name == "builtins.frozenset" || name == "builtins.list" ||
         name == "builtins.tuple") {
-      Value s;
+      NewValue s;
       s.kind = name == "builtins.list"    ? ValueKind::List
                : name == "builtins.tuple" ? ValueKind::Tuple
                                           : ValueKind::Set;
@@ -419,73 +465,71 @@ ValueId PickleReader::call(ValueId callable, ValueId args, bool newobj) {
         const Value& src = arena_[argv[0]];
         if (src.kind == ValueKind::List || src.kind == ValueKind::Tuple ||
             src.kind == ValueKind::Set) {
-          s.items = src.items;
+          s.items.assign(src.items().begin(), src.items().end());
         }
       }
-      return arena_.add(std::move(s));
+      return arena_.add(s);
     }
     if (!newobj &&
         (name == "_codecs.encode" || name == "builtins.bytes" || name == "builtins.bytearray")) {
-      Value b;
+      NewValue b;
       b.kind = ValueKind::Bytes;
-      if (argv.empty()) return arena_.add(std::move(b));
+      if (argv.empty()) return arena_.add(b);
       const Value& src = arena_[argv[0]];
       if (src.kind == ValueKind::Bytes) {
-        b.text = src.text;
-        return arena_.add(std::move(b));
+        b.text = src.text();
+        return arena_.add(b);
       }
       if (src.kind == ValueKind::Str && argv.size() == 2 &&
           arena_[argv[1]].kind == ValueKind::Str &&
-          (arena_[argv[1]].text == "latin1" || arena_[argv[1]].text == "latin-1")) {
+          (arena_[argv[1]].text() == "latin1" || arena_[argv[1]].text() == "latin-1")) {
         std::vector<std::uint32_t> cps;
-        if (decode_utf8(src.text, cps) &&
+        if (decode_utf8(src.text(), cps) &&
             std::all_of(cps.begin(), cps.end(), [](std::uint32_t cp) { return cp < 256; })) {
           std::string latin1;
           for (auto cp : cps) latin1.push_back(static_cast<char>(cp));
           b.text = arena_.keep(latin1);
-          return arena_.add(std::move(b));
+          return arena_.add(b);
         }
       }
       // Anything else (other encodings, odd arguments) stays an opaque call.
     }
   }
-  Value o;
+  NewValue o;
   o.kind = ValueKind::Object;
   o.cls = callable;
   o.args = args;
-  return arena_.add(std::move(o));
+  return arena_.add(o);
 }
 
 void PickleReader::set_items(ValueId target, std::span<const ValueId> kv) {
   if (kv.size() % 2 != 0) fail("SETITEMS with an odd number of items");
-  Value* t = &arena_[target];
-  if (t->kind == ValueKind::Object) {
-    if (t->dict_items == kNoValue) {
-      Value d;
+  if (arena_[target].kind == ValueKind::Object) {
+    if (arena_[target].dict_items() == kNoValue) {
+      NewValue d;
       d.kind = ValueKind::Dict;
-      ValueId id = arena_.add(std::move(d));
-      arena_[target].dict_items = id;  // re-index: add() may have moved the arena
+      const ValueId id = arena_.add(d);
+      arena_.set_dict_items(target, id);
     }
-    t = &arena_[arena_[target].dict_items];
+    target = arena_[target].dict_items();
   }
-  if (t->kind != ValueKind::Dict) fail("SETITEM on something that is not a dict");
-  t->items.insert(t->items.end(), kv.begin(), kv.end());
+  if (arena_[target].kind != ValueKind::Dict) fail("SETITEM on something that is not a dict");
+  arena_.append_items(target, kv);
 }
 
 void PickleReader::append_items(ValueId target, std::span<const ValueId> items) {
-  Value* t = &arena_[target];
-  if (t->kind == ValueKind::Object) {
-    if (t->list_items == kNoValue) {
-      Value l;
+  if (arena_[target].kind == ValueKind::Object) {
+    if (arena_[target].list_items() == kNoValue) {
+      NewValue l;
       l.kind = ValueKind::List;
-      ValueId id = arena_.add(std::move(l));
-      arena_[target].list_items = id;
+      const ValueId id = arena_.add(l);
+      arena_.set_list_items(target, id);
     }
-    t = &arena_[arena_[target].list_items];
+    target = arena_[target].list_items();
   }
-  if (t->kind != ValueKind::List && t->kind != ValueKind::Set)
+  if (arena_[target].kind != ValueKind::List && arena_[target].kind != ValueKind::Set)
     fail("APPEND on something that is not a list");
-  t->items.insert(t->items.end(), items.begin(), items.end());
+  arena_.append_items(target, items);
 }
 
 void PickleReader::memo_put(std::uint64_t index, ValueId id) {
@@ -494,8 +538,7 @@ void PickleReader::memo_put(std::uint64_t index, ValueId id) {
   // of values: shared tuples are memoized again and again as one value.)
   if (index >= limits_.max_memo || index > memo_count_ + 65536)
     fail(fmt::format("memo index {} is too large", index));
-  if (index >= memo_.size())
-    memo_.resize(std::max<std::size_t>(index + 1, memo_.size() * 2), kNoValue);
+  if (index >= memo_.size()) memo_.resize(index + 1, kNoValue);
   if (memo_[index] == kNoValue) ++memo_count_;
   memo_[index] = id;
 }
@@ -511,8 +554,10 @@ ValueId PickleReader::read() {
   marks_.clear();
   memo_.clear();
   memo_count_ = 0;
-  // Roughly one value per 3 bytes of pickle: reserve once instead of growing by copies.
+  // Roughly one value per 3 bytes of pickle, and at most one memo entry per byte (MEMOIZE):
+  // reserve once instead of growing by copies. Only what is used is ever touched.
   arena_.reserve(arena_.size() + (data_.size() - pos_) / 3);
+  memo_.reserve(std::min(data_.size() - pos_, limits_.max_memo));
   for (;;) {
     opcode_pos_ = pos_;
     std::uint8_t op = next_byte();
@@ -549,19 +594,19 @@ ValueId PickleReader::read() {
         push(top());
         break;
       case 'N':
-        push_scalar(Value{});
+        push_scalar(NewValue{});
         break;
       case 0x88:
       case 0x89: {  // NEWTRUE / NEWFALSE
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Bool;
         v.boolean = op == 0x88;
-        push_scalar(std::move(v));
+        push_scalar(v);
         break;
       }
       case 'I': {  // INT (text); "00"/"01" are protocol-0 booleans
         std::string line = take_line();
-        Value v;
+        NewValue v;
         if (line == "00" || line == "01") {
           v.kind = ValueKind::Bool;
           v.boolean = line == "01";
@@ -569,13 +614,13 @@ ValueId PickleReader::read() {
           v.kind = ValueKind::Int;
           if (!parse_int64(line, v.integer)) fail("bad INT literal");
         }
-        push_scalar(std::move(v));
+        push_scalar(v);
         break;
       }
       case 'L': {  // LONG (text)
         std::string line = take_line();
         if (!line.empty() && line.back() == 'L') line.pop_back();
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Int;
         if (!parse_int64(line, v.integer)) {
           std::string_view digits = line;
@@ -588,22 +633,22 @@ ValueId PickleReader::read() {
           v.kind = ValueKind::BigInt;
           v.text = arena_.keep((neg ? "-" : "") + std::string(digits));
         }
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 'J': {
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Int;
         v.integer = static_cast<std::int32_t>(take_le<std::uint32_t>());
-        push_scalar(std::move(v));
+        push_scalar(v);
         break;
       }
       case 'K':
       case 'M': {
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Int;
         v.integer = op == 'K' ? take_le<std::uint8_t>() : take_le<std::uint16_t>();
-        push_scalar(std::move(v));
+        push_scalar(v);
         break;
       }
       case 0x8a:
@@ -617,43 +662,43 @@ ValueId PickleReader::read() {
       }
       case 'F': {  // FLOAT (text)
         std::string line = take_line();
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Float;
         auto r = std::from_chars(line.data(), line.data() + line.size(), v.real);
         if (r.ec != std::errc() || r.ptr != line.data() + line.size()) fail("bad FLOAT literal");
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 'G': {  // BINFLOAT: big-endian IEEE double
         std::uint64_t bits = 0;
         for (std::byte b : take(8)) bits = (bits << 8) | static_cast<std::uint8_t>(b);
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Float;
         v.real = std::bit_cast<double>(bits);
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 'S': {  // STRING (Python 2 str, decoded as UTF-8 like torch.load's default)
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Str;
         v.text = arena_.keep(decode_python_string_literal(take_line()));
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 'T':
       case 'U': {  // BINSTRING / SHORT_BINSTRING
         std::uint64_t n = op == 'U' ? take_le<std::uint8_t>() : take_le<std::uint32_t>();
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Str;
         v.text = arena_.keep(take_string(n));
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 'V': {  // UNICODE (raw-unicode-escape text)
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Str;
         v.text = arena_.keep(decode_raw_unicode_escape(take_line()));
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 'X':
@@ -662,10 +707,10 @@ ValueId PickleReader::read() {
         std::uint64_t n = op == 0x8c  ? take_le<std::uint8_t>()
                           : op == 'X' ? take_le<std::uint32_t>()
                                       : take_le<std::uint64_t>();
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Str;
         v.text = arena_.keep(take_string(n));
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 'B':
@@ -675,10 +720,10 @@ ValueId PickleReader::read() {
         std::uint64_t n = op == 'C'   ? take_le<std::uint8_t>()
                           : op == 'B' ? take_le<std::uint32_t>()
                                       : take_le<std::uint64_t>();
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Bytes;
         v.text = arena_.keep(take_string(n));
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case ')':
@@ -689,9 +734,9 @@ ValueId PickleReader::read() {
           push_tuple({});
           break;
         }
-        Value v;
+        NewValue v;
         v.kind = op == ']' ? ValueKind::List : op == '}' ? ValueKind::Dict : ValueKind::Set;
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 't':
@@ -701,10 +746,10 @@ ValueId PickleReader::read() {
           push_tuple(pop_mark());
           break;
         }
-        Value v;
+        NewValue v;
         v.kind = op == 'l' ? ValueKind::List : ValueKind::Set;
         v.items = pop_mark();
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 0x85:
@@ -717,11 +762,11 @@ ValueId PickleReader::read() {
         break;
       }
       case 'd': {  // DICT
-        Value v;
+        NewValue v;
         v.kind = ValueKind::Dict;
         v.items = pop_mark();
         if (v.items.size() % 2 != 0) fail("DICT with an odd number of items");
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 's': {  // SETITEM
@@ -750,8 +795,7 @@ ValueId PickleReader::read() {
         auto items = pop_mark();
         ValueId target = top();
         if (arena_[target].kind != ValueKind::Set) fail("ADDITEMS on something that is not a set");
-        auto& dst = arena_[target].items;
-        dst.insert(dst.end(), items.begin(), items.end());
+        arena_.append_items(target, items);
         break;
       }
       case 'c': {  // GLOBAL
@@ -766,7 +810,7 @@ ValueId PickleReader::read() {
         if (arena_[name].kind != ValueKind::Str || arena_[module].kind != ValueKind::Str) {
           fail("STACK_GLOBAL needs two strings");
         }
-        push(make_global(std::string(arena_[module].text), std::string(arena_[name].text)));
+        push(make_global(std::string(arena_[module].text()), std::string(arena_[name].text())));
         break;
       }
       case 'R': {  // REDUCE
@@ -791,45 +835,45 @@ ValueId PickleReader::read() {
       case 'i': {  // INST
         std::string module = take_line();
         std::string name = take_line();
-        Value args;
+        NewValue args;
         args.kind = ValueKind::Tuple;
         args.items = pop_mark();
-        ValueId args_id = arena_.add(std::move(args));
+        ValueId args_id = arena_.add(args);
         push(call(make_global(std::move(module), std::move(name)), args_id, true));
         break;
       }
       case 'o': {  // OBJ
         auto items = pop_mark();
         if (items.empty()) fail("OBJ without a class");
-        Value args;
+        NewValue args;
         args.kind = ValueKind::Tuple;
         args.items.assign(items.begin() + 1, items.end());
-        ValueId args_id = arena_.add(std::move(args));
+        ValueId args_id = arena_.add(args);
         push(call(items[0], args_id, true));
         break;
       }
       case 'b': {  // BUILD: state is recorded, never applied by calling anything
         ValueId state = pop();
         ValueId target = top();
-        if (arena_[target].kind == ValueKind::Object) arena_[target].state = state;
+        arena_.set_state(target, state);  // on an Object; anything else ignores it
         break;
       }
       case 'P': {  // PERSID (text)
-        Value pid;
+        NewValue pid;
         pid.kind = ValueKind::Str;
         pid.text = arena_.keep(take_line());
-        ValueId pid_id = arena_.add(std::move(pid));
-        Value v;
+        ValueId pid_id = arena_.add(pid);
+        NewValue v;
         v.kind = ValueKind::PersistentRef;
         v.items = {pid_id};
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 'Q': {  // BINPERSID
-        Value v;
+        NewValue v;
         v.kind = ValueKind::PersistentRef;
         v.items = {pop()};
-        push_new(std::move(v));
+        push_new(v);
         break;
       }
       case 'p': {  // PUT (text)

@@ -50,8 +50,8 @@ class PickleReader {
   template <typename T>
   T take_le();
 
-  ValueId push_new(Value v);
-  ValueId push_scalar(Value v);
+  ValueId push_new(const NewValue& v);
+  ValueId push_scalar(const NewValue& v);
   ValueId push_tuple(std::vector<ValueId> items);
   bool is_shared_scalar(ValueId id) const;
   void push(ValueId id);

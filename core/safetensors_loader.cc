@@ -101,30 +101,30 @@ TensorCatalog load_safetensors(const ByteSource& source) {
   // index.json are exactly those of torch files.
   ValueArena arena;
   auto str = [&](std::string s) {
-    Value v;
+    NewValue v;
     v.kind = ValueKind::Str;
     v.text = arena.keep(s);
     return arena.add(std::move(v));
   };
   auto integer = [&](std::int64_t i) {
-    Value v;
+    NewValue v;
     v.kind = ValueKind::Int;
     v.integer = i;
     return arena.add(std::move(v));
   };
   auto global = [&](std::string name) {
-    Value v;
+    NewValue v;
     v.kind = ValueKind::Global;
     v.text = arena.keep(name);
     return arena.add(std::move(v));
   };
   auto tuple = [&](std::vector<ValueId> items) {
-    Value v;
+    NewValue v;
     v.kind = ValueKind::Tuple;
     v.items = std::move(items);
     return arena.add(std::move(v));
   };
-  Value root;
+  NewValue root;
   root.kind = ValueKind::Dict;
   std::unordered_map<std::string, StorageSpec> storages;
   std::unordered_map<std::string, std::string> tensor_errors;
@@ -135,7 +135,7 @@ TensorCatalog load_safetensors(const ByteSource& source) {
     const std::string& name = it.key();
     const auto& spec = it.value();
     if (name == "__metadata__") {
-      Value meta;
+      NewValue meta;
       meta.kind = ValueKind::Dict;
       if (spec.is_object()) {
         for (auto m = spec.begin(); m != spec.end(); ++m) {
@@ -208,18 +208,18 @@ TensorCatalog load_safetensors(const ByteSource& source) {
     }
     ValueId pid = tuple({str("storage"), untyped, str(key), str("cpu"),
                          integer(static_cast<std::int64_t>(end - begin))});
-    Value ref;
+    NewValue ref;
     ref.kind = ValueKind::PersistentRef;
     ref.items = {pid};
     ValueId ref_id = arena.add(std::move(ref));
-    Value no_hooks;
+    NewValue no_hooks;
     no_hooks.kind = ValueKind::Dict;
-    Value no;
+    NewValue no;
     no.kind = ValueKind::Bool;
     ValueId args = tuple({ref_id, integer(0), tuple(shape_items), tuple(stride_items),
                           arena.add(std::move(no)), arena.add(std::move(no_hooks)),
                           global(std::string("torch.") + std::string(dt->name))});
-    Value call;
+    NewValue call;
     call.kind = ValueKind::Object;
     call.cls = rebuild;
     call.args = args;
@@ -230,7 +230,7 @@ TensorCatalog load_safetensors(const ByteSource& source) {
 
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
     ResolvedStorage r;
-    const std::string key(arena[arena[pid].items[2]].text);
+    const std::string key(arena[arena[pid].items()[2]].text());
     r.storage = storages.at(key);
     r.dtype = dtype_by_name("uint8");
     if (auto e = tensor_errors.find(key); e != tensor_errors.end()) r.error = e->second;
