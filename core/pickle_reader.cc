@@ -46,7 +46,10 @@ ValueId ValueArena::add(const NewValue& v) {
 
 void ValueArena::append_items(ValueId id, std::span<const ValueId> more) {
   Value& v = values_[id];
-  if (!Value::has_items(v.kind) || more.empty()) return;
+  // Never a Tuple: a shared tuple stands for every equal one.
+  if ((v.kind != ValueKind::List && v.kind != ValueKind::Set && v.kind != ValueKind::Dict) ||
+      more.empty())
+    return;
   constexpr std::size_t kMaxCount = std::numeric_limits<std::uint32_t>::max();
   const std::size_t n = std::size_t{v.count_} + more.size();
   if (n > kMaxCount) throw FormatError("pickle holds 4 billion items or more");
