@@ -100,29 +100,29 @@ TensorCatalog load_safetensors(const ByteSource& source) {
   // (each tensor a _rebuild_tensor_v3 over its own storage), so naming, sidecars and
   // index.json are exactly those of torch files.
   ValueArena arena;
-  auto str = [&](std::string s) {
+  auto str = [&](std::string_view s) {
     NewValue v;
     v.kind = ValueKind::Str;
     v.text = arena.keep(s);
-    return arena.add(std::move(v));
+    return arena.add(v);
   };
   auto integer = [&](std::int64_t i) {
     NewValue v;
     v.kind = ValueKind::Int;
     v.integer = i;
-    return arena.add(std::move(v));
+    return arena.add(v);
   };
-  auto global = [&](std::string name) {
+  auto global = [&](std::string_view name) {
     NewValue v;
     v.kind = ValueKind::Global;
     v.text = arena.keep(name);
-    return arena.add(std::move(v));
+    return arena.add(v);
   };
   auto tuple = [&](std::vector<ValueId> items) {
     NewValue v;
     v.kind = ValueKind::Tuple;
     v.items = std::move(items);
-    return arena.add(std::move(v));
+    return arena.add(v);
   };
   NewValue root;
   root.kind = ValueKind::Dict;
@@ -145,7 +145,7 @@ TensorCatalog load_safetensors(const ByteSource& source) {
         }
       }
       root.items.push_back(str(name));
-      root.items.push_back(arena.add(std::move(meta)));
+      root.items.push_back(arena.add(meta));
       continue;
     }
     if (!spec.is_object() || !spec.contains("dtype") || !spec["dtype"].is_string() ||
@@ -211,22 +211,22 @@ TensorCatalog load_safetensors(const ByteSource& source) {
     NewValue ref;
     ref.kind = ValueKind::PersistentRef;
     ref.items = {pid};
-    ValueId ref_id = arena.add(std::move(ref));
+    ValueId ref_id = arena.add(ref);
     NewValue no_hooks;
     no_hooks.kind = ValueKind::Dict;
     NewValue no;
     no.kind = ValueKind::Bool;
     ValueId args = tuple({ref_id, integer(0), tuple(shape_items), tuple(stride_items),
-                          arena.add(std::move(no)), arena.add(std::move(no_hooks)),
+                          arena.add(no), arena.add(no_hooks),
                           global(std::string("torch.") + std::string(dt->name))});
     NewValue call;
     call.kind = ValueKind::Object;
     call.cls = rebuild;
     call.args = args;
     root.items.push_back(str(name));
-    root.items.push_back(arena.add(std::move(call)));
+    root.items.push_back(arena.add(call));
   }
-  ValueId root_id = arena.add(std::move(root));
+  ValueId root_id = arena.add(root);
 
   auto resolver = [&](ValueId pid) -> ResolvedStorage {
     ResolvedStorage r;
