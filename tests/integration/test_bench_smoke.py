@@ -37,7 +37,7 @@ class BenchSmokeTest(unittest.TestCase):
     def test_bench_throughput_runs(self):
         self.run_bench("bench-throughput", ["--size-mib", "32", "--tiny-count", "300", "--rounds", "2",
                                             "--sizes-kib", "16,1024", "--sizes-total-mib", "8"],
-                       ["| 1 | memmap + bf16 loop", "| 2 | second pass", "| 3 | mount 300 tensors",
+                       ["| 1 | memmap + bf16 loop", "| 2 | second pass", "| 3 | mount 300 tensors of 1024 float32, cold; median of 3",
                         "| 3 | daemon memory per tensor", "| 4 | 2 processes",
                         "| #6 | ckptfs ls of the 300-tensor checkpoint", "| #6 | ckptfs info",
                         "| 1 | the same loop on a mount with --no-preload", "| 2 | minor page faults of the warm pass", "| 2 | numpy.memmap and close of a file",
