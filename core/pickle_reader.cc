@@ -12,12 +12,14 @@
 
 namespace ckptfs {
 
+// A Value counts its text's bytes and its items in 32 bits.
+constexpr std::size_t kMaxCount = std::numeric_limits<std::uint32_t>::max();
+
 ValueId ValueArena::add(const NewValue& v) {
   if (values_.size() >= max_values_) {
     throw FormatError(
         fmt::format("pickle builds more than {} objects (refused as a bomb)", max_values_));
   }
-  constexpr std::size_t kMaxCount = std::numeric_limits<std::uint32_t>::max();
   Value out;
   out.kind = v.kind;
   out.boolean = v.boolean;
@@ -50,7 +52,6 @@ void ValueArena::append_items(ValueId id, std::span<const ValueId> more) {
   if ((v.kind != ValueKind::List && v.kind != ValueKind::Set && v.kind != ValueKind::Dict) ||
       more.empty())
     return;
-  constexpr std::size_t kMaxCount = std::numeric_limits<std::uint32_t>::max();
   const std::size_t n = std::size_t{v.count_} + more.size();
   if (n > kMaxCount) throw FormatError("pickle holds 4 billion items or more");
   if (n > v.u_.list.capacity) {
@@ -63,6 +64,19 @@ void ValueArena::append_items(ValueId id, std::span<const ValueId> more) {
   }
   std::copy(more.begin(), more.end(), v.u_.list.data + v.count_);
   v.count_ = static_cast<std::uint32_t>(n);
+}
+
+ValueId ValueArena::object_items(ValueId object, ValueKind kind) {
+  if (values_[object].kind != ValueKind::Object) return kNoValue;
+  ValueId Value::Object::*field =
+      kind == ValueKind::Dict ? &Value::Object::dict_items : &Value::Object::list_items;
+  if (values_[object].u_.object.*field == kNoValue) {
+    NewValue container;
+    container.kind = kind;
+    const ValueId id = add(container);
+    values_[object].u_.object.*field = id;  // re-indexed: add() may have moved the values
+  }
+  return values_[object].u_.object.*field;
 }
 
 namespace {
@@ -507,29 +521,15 @@ ValueId PickleReader::call(ValueId callable, ValueId args, bool newobj) {
 
 void PickleReader::set_items(ValueId target, std::span<const ValueId> kv) {
   if (kv.size() % 2 != 0) fail("SETITEMS with an odd number of items");
-  if (arena_[target].kind == ValueKind::Object) {
-    if (arena_[target].dict_items() == kNoValue) {
-      NewValue d;
-      d.kind = ValueKind::Dict;
-      const ValueId id = arena_.add(d);
-      arena_.set_dict_items(target, id);
-    }
-    target = arena_[target].dict_items();
-  }
+  if (arena_[target].kind == ValueKind::Object)
+    target = arena_.object_items(target, ValueKind::Dict);
   if (arena_[target].kind != ValueKind::Dict) fail("SETITEM on something that is not a dict");
   arena_.append_items(target, kv);
 }
 
 void PickleReader::append_items(ValueId target, std::span<const ValueId> items) {
-  if (arena_[target].kind == ValueKind::Object) {
-    if (arena_[target].list_items() == kNoValue) {
-      NewValue l;
-      l.kind = ValueKind::List;
-      const ValueId id = arena_.add(l);
-      arena_.set_list_items(target, id);
-    }
-    target = arena_[target].list_items();
-  }
+  if (arena_[target].kind == ValueKind::Object)
+    target = arena_.object_items(target, ValueKind::List);
   if (arena_[target].kind != ValueKind::List && arena_[target].kind != ValueKind::Set)
     fail("APPEND on something that is not a list");
   arena_.append_items(target, items);

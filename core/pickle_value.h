@@ -127,18 +127,15 @@ class ValueArena {
   void reserve(std::size_t n) { values_.reserve(std::min(n, max_values_)); }
 
   // The only changes a value sees after it is added (SETITEMS, APPENDS, ADDITEMS, BUILD):
-  // items appended to a List, Set or Dict; an Object's state and item containers.
+  // items appended to a List, Set or Dict; an Object's state and item containers. Each is
+  // ignored on a value of another kind (the reader checks kinds before it asks).
   void append_items(ValueId id, std::span<const ValueId> more);
-  // Each is ignored on a value of another kind (the reader checks kinds before it asks).
   void set_state(ValueId object, ValueId state) {
     if (values_[object].kind == ValueKind::Object) values_[object].u_.object.state = state;
   }
-  void set_dict_items(ValueId object, ValueId d) {
-    if (values_[object].kind == ValueKind::Object) values_[object].u_.object.dict_items = d;
-  }
-  void set_list_items(ValueId object, ValueId l) {
-    if (values_[object].kind == ValueKind::Object) values_[object].u_.object.list_items = l;
-  }
+  // The Dict (for |kind| Dict) or the List (for |kind| List) that SETITEMS / APPENDS on an
+  // Object fill, created on first use; kNoValue for anything but an Object.
+  ValueId object_items(ValueId object, ValueKind kind);
 
   bool is_global(ValueId id, std::string_view name) const {
     return id != kNoValue && values_[id].kind == ValueKind::Global && values_[id].text() == name;
