@@ -233,12 +233,18 @@ void BlockCache::enable_prefetch(std::uint32_t depth) {
   std::lock_guard lock(mu_);
   if (prefetch_depth_ != 0 || depth == 0) return;
   prefetch_depth_ = depth;
-  prefetcher_ = std::thread([this] { prefetch_loop(); });
+  prefetcher_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "ckptfs-prefetch");  // for top -H, perf and tests
+    prefetch_loop();
+  });
 }
 
 void BlockCache::start_prefault() {
   if (prefaulter_.joinable()) return;
-  prefaulter_ = std::thread([this] { prefault_loop(); });
+  prefaulter_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "ckptfs-prefault");
+    prefault_loop();
+  });
 }
 
 void BlockCache::prefault_loop() {

@@ -4,11 +4,13 @@
 // checkpoint gives one line on stderr and no mount. The mount happens before detaching, so
 // `ckptfs a.pt m && ls m` works and the exit code carries mount errors.
 #include <malloc.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -155,6 +157,7 @@ constexpr std::uint32_t kPrefetchBlocks = 4;
 std::thread readahead_setter(const MountState& state, std::string bdi, std::uint32_t kb, bool warn,
                              const std::atomic<bool>& stop) {
   return std::thread([&state, &stop, bdi = std::move(bdi), kb, warn] {
+    pthread_setname_np(pthread_self(), "ckptfs-readahd");
     for (int i = 0; i < 500 && !state.initialized && !stop; ++i)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     // The kernel applies the INIT reply just after it is sent; keep the value in place for a
@@ -369,8 +372,13 @@ void use_huge_pages(char** argv) {
                           ? std::string(tunables) + ":glibc.malloc.hugetlb=1"
                           : std::string("glibc.malloc.hugetlb=1");
   if (::setenv("GLIBC_TUNABLES", value.c_str(), 1) != 0) return;
-  ::execv("/proc/self/exe", argv);
-  ::unsetenv("GLIBC_TUNABLES");  // no /proc: go on with small pages
+  // By its own path, not /proc/self/exe: the process is named after the file it executes, and
+  // `pgrep ckptfs`, `killall ckptfs` and top look for "ckptfs", not "exe".
+  std::array<char, 4096> self{};
+  const ssize_t len = ::readlink("/proc/self/exe", self.data(), self.size() - 1);
+  if (len > 0) ::execv(self.data(), argv);
+  ::execv("/proc/self/exe", argv);  // e.g. the file was replaced since it started
+  ::unsetenv("GLIBC_TUNABLES");     // no /proc: go on with small pages
   if (tunables != nullptr) ::setenv("GLIBC_TUNABLES", tunables, 1);
 }
 
