@@ -651,6 +651,7 @@ std::string render_stats(const MountState& state) {
       {"checkpoint_read_errors", number(c.read_errors)},
       {"checkpoint_changed", fmt::format("{:>20}", state.source.changed())},
       {"read_errors", number(state.read_errors.load())},
+      {"request_thread_slice_ns", number(state.request_slice_ns)},
       {"tensors", number(state.catalog.tensors().size())},
       {"storages", number(state.catalog.storages().size())},
       {"catalog_bytes", number(state.catalog.metadata_bytes())},

@@ -33,6 +33,8 @@ struct MountState {
   // read (op_lookup says why); 0: never (--no-preload).
   std::uint64_t preload_bytes = 0;
   std::uint64_t limit_bytes = 0;
+  // The scheduler slice request threads run with (scheduler_slice.h); 0: unknown, the kernel's.
+  std::uint64_t request_slice_ns = 0;
   TensorReader reader;
   std::timespec mtime{};
   uid_t uid = 0;

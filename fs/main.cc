@@ -32,6 +32,7 @@
 #include "inspect_commands.h"
 #include "kernel_notifier.h"
 #include "memory_budget.h"
+#include "scheduler_slice.h"
 
 namespace ckptfs {
 namespace {
@@ -329,6 +330,10 @@ int run(const CliOptions& opts) {
         readahead_setter(state, bdi, readahead_kb, /*warn=*/opts.readahead_kb != 0, readahead_stop);
   }
 
+  // Last, after the helper threads (notifier, prefetcher, prefaulter) exist: only libfuse's
+  // request threads, which this thread creates next, inherit the short slice.
+  state.request_slice_ns =
+      static_cast<std::uint64_t>(request_scheduler_slice(kRequestThreadSlice).count());
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(cfg, 0);
   fuse_loop_cfg_set_max_threads(cfg, 16);

@@ -70,12 +70,14 @@ def unmount(path, proc=None):
 
 class Mount:
     """Runs `ckptfs -f CHECKPOINT DIR` for the duration of a with-block (|env|: the daemon's
-    environment, e.g. with LD_PRELOAD for fault injection)."""
+    environment, e.g. with LD_PRELOAD for fault injection; |prefix|: a command that runs it,
+    e.g. ["nice", "-n", "5"])."""
 
-    def __init__(self, checkpoint, *args, env=None):
+    def __init__(self, checkpoint, *args, env=None, prefix=()):
         self.checkpoint = checkpoint
         self.args = list(args)
         self.env = env
+        self.prefix = list(prefix)
         self.path = None
         self.proc = None
         self.stderr_text = ""
@@ -84,7 +86,7 @@ class Mount:
         require_fuse()
         self.path = tempfile.mkdtemp(prefix="ckptfs-mnt-")
         self.stderr_file = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([BINARY, "-f", *self.args, self.checkpoint, self.path],
+        self.proc = subprocess.Popen([*self.prefix, BINARY, "-f", *self.args, self.checkpoint, self.path],
                                      stdout=subprocess.DEVNULL, stderr=self.stderr_file, env=self.env)
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
         while not is_mounted(self.path):
