@@ -92,6 +92,8 @@ int KernelNotifier::store(std::uint64_t inode, std::uint64_t offset, std::size_t
 void KernelNotifier::store_file(const Preload& p) {
   // The bytes are copied out of the block cache first: a store may wait for a page whose READ
   // is in flight, and a pin held meanwhile could keep that READ's handler from a free block.
+  // (Storing from pinned blocks when they were loaded saved no time: 2026-12-03, 73 % of the
+  // steps pinned, daemon CPU per 2 GiB stream 0.92 s against 0.94 s, the loop no faster.)
   if (buffer_.empty()) buffer_.resize(kStoreBytes);
   bool stored = false;
   for (std::uint64_t offset = 0; offset < p.length; offset += kStoreBytes) {
