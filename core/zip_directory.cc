@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -160,15 +161,24 @@ const ZipEntry* ZipDirectory::find(std::string_view name) const {
   return i == nullptr ? nullptr : &entries_[*i];
 }
 
-void ZipDirectory::walk_central_directory() {
-  const std::uint64_t file_size = source_.size();
+namespace {
+
+struct CentralDirectorySpan {
+  std::uint64_t offset = 0;
+  std::uint64_t size = 0;
+  std::uint64_t count = 0;
+};
+
+// Where the central directory is, from the end record (and its zip64 form). Throws FormatError.
+CentralDirectorySpan locate_central_directory(const ByteSource& source) {
+  const std::uint64_t file_size = source.size();
   if (file_size < kEocdSize) {
     throw FormatError("zip is too small to hold an end-of-central-directory record");
   }
   // The EOCD is followed by a comment of at most 65535 bytes.
   std::uint64_t tail_len = std::min<std::uint64_t>(file_size, kEocdSize + 0xFFFF);
   std::vector<std::byte> tail(tail_len);
-  source_.read_at(file_size - tail_len, tail);
+  source.read_at(file_size - tail_len, tail);
   std::int64_t eocd_in_tail = -1;
   for (std::int64_t i = static_cast<std::int64_t>(tail_len - kEocdSize); i >= 0; --i) {
     if (load_le<std::uint32_t>(tail.data() + i) == kEndOfCentralDirSig) {
@@ -190,14 +200,14 @@ void ZipDirectory::walk_central_directory() {
 
   if (eocd_pos >= kZip64LocatorSize) {
     std::array<std::byte, kZip64LocatorSize> loc{};
-    source_.read_at(eocd_pos - kZip64LocatorSize, loc);
+    source.read_at(eocd_pos - kZip64LocatorSize, loc);
     if (load_le<std::uint32_t>(loc.data()) == kZip64LocatorSig) {
       std::uint64_t z64_pos = load_le<std::uint64_t>(loc.data() + 8);
       if (z64_pos > file_size || file_size - z64_pos < kZip64EndSize) {
         throw FormatError("zip64 end-of-central-directory offset lies outside the file");
       }
       std::array<std::byte, kZip64EndSize> z64{};
-      source_.read_at(z64_pos, z64);
+      source.read_at(z64_pos, z64);
       if (load_le<std::uint32_t>(z64.data()) != kZip64EndSig) {
         throw FormatError("zip64 end-of-central-directory record is corrupt");
       }
@@ -220,6 +230,91 @@ void ZipDirectory::walk_central_directory() {
     throw FormatError(
         fmt::format("zip declares {} entries, more than its directory can hold", count));
   }
+  return {cd_offset, cd_size, count};
+}
+
+// The central-directory entry |index| at the start of |h| (|available| bytes of directory
+// left), zip64 sizes and offset applied. Its name views |h|. Sets |entry_len| to the bytes
+// the entry takes. Throws FormatError when it is corrupt or truncated.
+ZipEntry parse_central_entry(const std::byte* h, std::size_t available, std::uint64_t index,
+                             std::size_t& entry_len) {
+  if (available < kCentralHeaderSize || load_le<std::uint32_t>(h) != kCentralHeaderSig) {
+    throw FormatError(fmt::format("zip central directory entry {} is corrupt", index));
+  }
+  ZipEntry e;
+  e.flags = load_le<std::uint16_t>(h + 8);
+  e.method = load_le<std::uint16_t>(h + 10);
+  e.compressed_size = load_le<std::uint32_t>(h + 20);
+  e.size = load_le<std::uint32_t>(h + 24);
+  const std::size_t name_len = load_le<std::uint16_t>(h + 28);
+  const std::size_t extra_len = load_le<std::uint16_t>(h + 30);
+  const std::size_t comment_len = load_le<std::uint16_t>(h + 32);
+  e.local_header_offset = load_le<std::uint32_t>(h + 42);
+  const std::size_t var_len = name_len + extra_len + comment_len;
+  if (available - kCentralHeaderSize < var_len) {
+    throw FormatError(fmt::format("zip central directory entry {} is truncated", index));
+  }
+  const std::byte* name = h + kCentralHeaderSize;
+  e.name = std::string_view(reinterpret_cast<const char*>(name), name_len);
+  // ZIP64 extra field: the 64-bit values follow in a fixed order, present only for the
+  // fields whose 32-bit slot is saturated.
+  const std::byte* extra = name + name_len;
+  std::size_t x = 0;
+  while (x + 4 <= extra_len) {
+    std::uint16_t id = load_le<std::uint16_t>(extra + x);
+    std::uint16_t len = load_le<std::uint16_t>(extra + x + 2);
+    if (x + 4 + len > extra_len) {
+      break;
+    }
+    if (id == 0x0001) {
+      const std::byte* p = extra + x + 4;
+      std::size_t left = len;
+      auto take = [&](std::uint64_t& field) {
+        if (field == 0xFFFFFFFFu) {
+          if (left < 8) {
+            throw FormatError(fmt::format("zip64 extra field of '{}' is truncated", e.name));
+          }
+          field = load_le<std::uint64_t>(p);
+          p += 8;
+          left -= 8;
+        }
+      };
+      take(e.size);
+      take(e.compressed_size);
+      take(e.local_header_offset);
+    }
+    x += 4 + len;
+  }
+  entry_len = kCentralHeaderSize + var_len;
+  return e;
+}
+
+// What data_offset_from_local_header() needs for a record, from the central directory alone.
+// Throws FormatError when the record cannot fit in the file whatever its local header says.
+LocalHeaderRef header_ref(std::uint64_t file_size, const ZipEntry& entry) {
+  if (entry.local_header_offset > file_size ||
+      file_size - entry.local_header_offset < kLocalHeaderSize) {
+    throw FormatError(fmt::format("zip entry '{}' points outside the file", entry.name));
+  }
+  // Room after the fixed header for the name, the extra field and the data.
+  const std::uint64_t room = file_size - entry.local_header_offset - kLocalHeaderSize;
+  if (entry.name.size() > 0xffff || entry.compressed_size > room ||
+      room - entry.compressed_size < entry.name.size()) {
+    throw FormatError(
+        fmt::format("zip entry '{}' runs past the end of the file (truncated?)", entry.name));
+  }
+  LocalHeaderRef ref;
+  ref.offset = entry.local_header_offset;
+  ref.name_size = static_cast<std::uint16_t>(entry.name.size());
+  ref.max_extra = static_cast<std::uint16_t>(
+      std::min<std::uint64_t>(0xffff, room - entry.compressed_size - entry.name.size()));
+  return ref;
+}
+
+}  // namespace
+
+void ZipDirectory::walk_central_directory() {
+  const auto [cd_offset, cd_size, count] = locate_central_directory(source_);
   // Not zeroed: the read fills it (first touches of fresh memory are what loading costs).
   const auto cd = std::make_unique_for_overwrite<std::byte[]>(cd_size);
   source_.read_at(cd_offset, std::span(cd.get(), cd_size));
@@ -229,63 +324,17 @@ void ZipDirectory::walk_central_directory() {
   entries_.reserve(count);
   std::size_t pos = 0;
   for (std::uint64_t i = 0; i < count; ++i) {
-    if (cd_size - pos < kCentralHeaderSize ||
-        load_le<std::uint32_t>(cd.get() + pos) != kCentralHeaderSig) {
-      throw FormatError(fmt::format("zip central directory entry {} is corrupt", i));
-    }
-    const std::byte* h = cd.get() + pos;
-    ZipEntry e;
-    e.flags = load_le<std::uint16_t>(h + 8);
-    e.method = load_le<std::uint16_t>(h + 10);
-    e.compressed_size = load_le<std::uint32_t>(h + 20);
-    e.size = load_le<std::uint32_t>(h + 24);
-    std::size_t name_len = load_le<std::uint16_t>(h + 28);
-    std::size_t extra_len = load_le<std::uint16_t>(h + 30);
-    std::size_t comment_len = load_le<std::uint16_t>(h + 32);
-    e.local_header_offset = load_le<std::uint32_t>(h + 42);
-    std::size_t var_len = name_len + extra_len + comment_len;
-    if (cd_size - pos - kCentralHeaderSize < var_len) {
-      throw FormatError(fmt::format("zip central directory entry {} is truncated", i));
-    }
-    const std::byte* name = h + kCentralHeaderSize;
+    std::size_t len = 0;
+    ZipEntry e = parse_central_entry(cd.get() + pos, cd_size - pos, i, len);
     // Each entry holds its name after a 46-byte header, inside |cd_size|: the names and their
     // NULs fit in |cd_size| bytes.
     char* kept = names_.get() + names_used;
-    std::memcpy(kept, name, name_len);
-    kept[name_len] = '\0';
-    names_used += name_len + 1;
-    e.name = std::string_view(kept, name_len);
-    // ZIP64 extra field: the 64-bit values follow in a fixed order, present only for the
-    // fields whose 32-bit slot is saturated.
-    const std::byte* extra = name + name_len;
-    std::size_t x = 0;
-    while (x + 4 <= extra_len) {
-      std::uint16_t id = load_le<std::uint16_t>(extra + x);
-      std::uint16_t len = load_le<std::uint16_t>(extra + x + 2);
-      if (x + 4 + len > extra_len) {
-        break;
-      }
-      if (id == 0x0001) {
-        const std::byte* p = extra + x + 4;
-        std::size_t left = len;
-        auto take = [&](std::uint64_t& field) {
-          if (field == 0xFFFFFFFFu) {
-            if (left < 8) {
-              throw FormatError(fmt::format("zip64 extra field of '{}' is truncated", e.name));
-            }
-            field = load_le<std::uint64_t>(p);
-            p += 8;
-            left -= 8;
-          }
-        };
-        take(e.size);
-        take(e.compressed_size);
-        take(e.local_header_offset);
-      }
-      x += 4 + len;
-    }
-    entries_.push_back(std::move(e));
-    pos += kCentralHeaderSize + var_len;
+    std::memcpy(kept, e.name.data(), e.name.size());
+    kept[e.name.size()] = '\0';
+    names_used += e.name.size() + 1;
+    e.name = std::string_view(kept, e.name.size());
+    entries_.push_back(e);
+    pos += len;
   }
 }
 
@@ -327,24 +376,7 @@ std::uint64_t data_offset_from_local_header(
 }
 
 LocalHeaderRef ZipDirectory::local_header_ref(const ZipEntry& entry) const {
-  const std::uint64_t file_size = source_.size();
-  if (entry.local_header_offset > file_size ||
-      file_size - entry.local_header_offset < kLocalHeaderSize) {
-    throw FormatError(fmt::format("zip entry '{}' points outside the file", entry.name));
-  }
-  // Room after the fixed header for the name, the extra field and the data.
-  const std::uint64_t room = file_size - entry.local_header_offset - kLocalHeaderSize;
-  if (entry.name.size() > 0xffff || entry.compressed_size > room ||
-      room - entry.compressed_size < entry.name.size()) {
-    throw FormatError(
-        fmt::format("zip entry '{}' runs past the end of the file (truncated?)", entry.name));
-  }
-  LocalHeaderRef ref;
-  ref.offset = entry.local_header_offset;
-  ref.name_size = static_cast<std::uint16_t>(entry.name.size());
-  ref.max_extra = static_cast<std::uint16_t>(
-      std::min<std::uint64_t>(0xffff, room - entry.compressed_size - entry.name.size()));
-  return ref;
+  return header_ref(source_.size(), entry);
 }
 
 std::uint64_t ZipDirectory::data_offset(const ZipEntry& entry) const {
@@ -403,6 +435,42 @@ std::string ZipDirectory::read_entry(const ZipEntry& entry, std::uint64_t max_by
     done += static_cast<std::uint64_t>(n);
   }
   return out;
+}
+
+std::optional<FirstRecord> read_first_stored_record(const ByteSource& source,
+                                                    std::uint64_t max_bytes,
+                                                    bool (*wanted)(std::string_view name)) {
+  try {
+    const auto [cd_offset, cd_size, count] = locate_central_directory(source);
+    if (count == 0 || cd_size < kCentralHeaderSize) return std::nullopt;
+    std::array<std::byte, kCentralHeaderSize> fixed{};
+    source.read_at(cd_offset, fixed);
+    const std::size_t var_len = std::size_t{load_le<std::uint16_t>(fixed.data() + 28)} +
+                                load_le<std::uint16_t>(fixed.data() + 30) +
+                                load_le<std::uint16_t>(fixed.data() + 32);
+    std::vector<std::byte> raw(std::min<std::uint64_t>(cd_size, kCentralHeaderSize + var_len));
+    source.read_at(cd_offset, raw);
+    std::size_t len = 0;
+    const ZipEntry e = parse_central_entry(raw.data(), raw.size(), 0, len);
+    // Only what read_entry() would read straight from the file, under the same checks.
+    if (!wanted(e.name) || e.method != 0 || e.encrypted() || e.size != e.compressed_size ||
+        e.size > max_bytes) {
+      return std::nullopt;
+    }
+    const LocalHeaderRef ref = header_ref(source.size(), e);
+    std::array<std::byte, kLocalHeaderSize> local{};
+    source.read_at(ref.offset, local);
+    const std::uint64_t data = data_offset_from_local_header(local, ref, e.name);
+    FirstRecord out;
+    out.name = e.name;
+    out.local_header_offset = e.local_header_offset;
+    out.size = e.size;
+    out.bytes.resize(e.size);
+    source.read_at(data, std::as_writable_bytes(std::span(out.bytes)));
+    return out;
+  } catch (const CkptError&) {
+    return std::nullopt;  // the ZipDirectory of the same archive says what is wrong
+  }
 }
 
 void ZipDirectory::release_archive() {

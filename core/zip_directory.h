@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -56,6 +57,22 @@ struct LocalHeaderRef {
 std::uint64_t data_offset_from_local_header(
     std::span<const std::byte, LocalHeaderRef::kSize> header, const LocalHeaderRef& ref,
     std::string_view record);
+
+// An archive's first record, read from its first central-directory entry alone (a few small
+// reads) by a caller that wants it before, or while, the whole directory is indexed: torch
+// writes its data.pkl there. nullopt unless |wanted| accepts its name (asked before anything
+// else is read) and it is stored, unencrypted, at most |max_bytes| long, with sound headers;
+// a damaged archive also gives nullopt (its ZipDirectory then says what is wrong). The bytes
+// are those read_entry() reads for it.
+struct FirstRecord {
+  std::string name;
+  std::uint64_t local_header_offset = 0;
+  std::uint64_t size = 0;
+  std::string bytes;
+};
+std::optional<FirstRecord> read_first_stored_record(const ByteSource& source,
+                                                    std::uint64_t max_bytes,
+                                                    bool (*wanted)(std::string_view name));
 
 class ZipDirectory {
  public:

@@ -224,3 +224,67 @@ TEST_CASE("truncated and non-zip files are FormatErrors") {
     CHECK_THROWS_AS(ZipDirectory(src), FormatError);
   }
 }
+
+namespace {
+bool any_name(std::string_view) {
+  return true;
+}
+}  // namespace
+
+TEST_CASE("the first record is read alone only when it is stored, sound and small enough") {
+  TempZip tz;
+  tz.kept.reserve(8);
+  zip_t* z = tz.create();
+  std::string pickle(70000, '\0');
+  for (std::size_t i = 0; i < pickle.size(); ++i) pickle[i] = static_cast<char>(i * 13);
+  tz.add(z, "archive/data.pkl", pickle, false);
+  tz.add(z, "archive/data/0", std::string(4096, 'd'), false);
+  REQUIRE(zip_close(z) == 0);
+  LocalFileSource src(tz.path);
+  const auto first = read_first_stored_record(src, 1u << 20, any_name);
+  REQUIRE(first.has_value());
+  CHECK(first->name == "archive/data.pkl");
+  CHECK(first->size == pickle.size());
+  CHECK(first->bytes == pickle);
+  // The same record, and the same bytes, as the directory gives.
+  ZipDirectory dir(src);
+  const ZipEntry* e = dir.find("archive/data.pkl");
+  REQUIRE(e != nullptr);
+  CHECK(e->local_header_offset == first->local_header_offset);
+  CHECK(dir.read_entry(*e, 1u << 20) == first->bytes);
+  // Not wanted: nothing more is read.
+  CHECK_FALSE(read_first_stored_record(src, 1u << 20, [](std::string_view) { return false; }));
+  // Over the limit: left to the directory, which refuses it with a message.
+  CHECK_FALSE(read_first_stored_record(src, pickle.size() - 1, any_name).has_value());
+
+  TempZip deflated;
+  deflated.kept.reserve(8);
+  z = deflated.create();
+  deflated.add(z, "archive/data.pkl", std::string(5000, 'p'), true);
+  REQUIRE(zip_close(z) == 0);
+  LocalFileSource packed(deflated.path);
+  CHECK_FALSE(read_first_stored_record(packed, 1u << 20, any_name).has_value());
+
+  // A damaged archive gives nullopt, never an exception: its ZipDirectory says what is wrong.
+  std::string whole;
+  {
+    std::ifstream in(tz.path, std::ios::binary);
+    whole.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  for (std::size_t cut : {std::size_t{0}, std::size_t{10}, whole.size() / 2, whole.size() - 1}) {
+    TempZip part;
+    std::ofstream(part.path, std::ios::binary) << whole.substr(0, cut);
+    LocalFileSource src_part(part.path);
+    CHECK_FALSE(read_first_stored_record(src_part, 1u << 20, any_name).has_value());
+  }
+  // A local header that disagrees with the central directory (its name length changed).
+  TempZip bad;
+  std::string changed = whole;
+  changed[26] = static_cast<char>(changed[26] + 1);
+  std::ofstream(bad.path, std::ios::binary) << changed;
+  LocalFileSource src_bad(bad.path);
+  CHECK_FALSE(read_first_stored_record(src_bad, 1u << 20, any_name).has_value());
+  ZipDirectory bad_dir(src_bad);
+  CHECK_THROWS_WITH(bad_dir.read_entry(*bad_dir.find("archive/data.pkl"), 1u << 20),
+                    Catch::Contains("name length"));
+}
