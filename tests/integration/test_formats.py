@@ -300,6 +300,47 @@ class DeflatedZipTest(unittest.TestCase):
 
 
 
+class ReorderedZipTest(unittest.TestCase):
+    """ckptfs parses the first record as the pickle while it indexes the directory, when that
+    record is <prefix>data.pkl and stored (as torch writes it). Archives laid out otherwise must
+    load the same: data.pkl last (a stored tensor record first), and data.pkl first but
+    deflated. torch.load of each file is the truth."""
+
+    def test_data_pkl_not_first_or_deflated(self):
+        require_fuse()
+        import zipfile
+        from ckptfs_testlib import torch_bytes, torch_tensors
+        with tempfile.TemporaryDirectory() as tmp:
+            g = torch.Generator().manual_seed(5)
+            src = os.path.join(tmp, "torch.pt")
+            torch.save({"a": torch.randn(300, 7, generator=g), "b": torch.arange(50).view(5, 10).t(),
+                        "c": torch.randn(3, generator=g).double()}, src)
+            with zipfile.ZipFile(src) as z:
+                names = [i.filename for i in z.infolist()]
+                pickle_name = next(n for n in names if n.endswith("/data.pkl"))
+                self.assertEqual(names[0], pickle_name)  # what the fast path expects
+                pickle = z.read(pickle_name)
+            last = os.path.join(tmp, "pkl_last.pt")
+            with zipfile.ZipFile(src) as zin, zipfile.ZipFile(last, "w", zipfile.ZIP_STORED) as zout:
+                for n in names[1:] + names[:1]:
+                    zout.writestr(n, zin.read(n))
+            deflated_pkl = os.path.join(tmp, "pkl_deflated.pt")
+            with zipfile.ZipFile(src) as zin, zipfile.ZipFile(deflated_pkl, "w", zipfile.ZIP_STORED) as zout:
+                for n in names:
+                    zout.writestr(n, zin.read(n),
+                                  compress_type=zipfile.ZIP_DEFLATED if n == pickle_name else zipfile.ZIP_STORED)
+            for path in (last, deflated_pkl):
+                with zipfile.ZipFile(path) as z:
+                    self.assertEqual(z.read(pickle_name), pickle)
+                expected = torch_tensors(torch.load(path))
+                with Mount(path, "--limit-mb", "8") as m:
+                    tensors = m.index()["tensors"]
+                    self.assertEqual(len(tensors), 3, path)
+                    for e in tensors:
+                        with open(m.file(e["path"]), "rb") as f:
+                            self.assertEqual(f.read(), torch_bytes(expected[tuple(e["key"])]), (path, e["path"]))
+
+
 def write_sparse_zip64(path, prefix, pickle_bytes, big_name, big_size, patches):
     """Writes a torch-style stored zip whose record |big_name| is |big_size| bytes: zeros
     (a hole in a sparse file) except |patches| {offset: bytes}. ZIP64 everywhere it is due:
