@@ -95,10 +95,12 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
       });
   std::unique_ptr<ZipDirectory> directory;
   if (early) {
+    // Allocated here, filled there (see ZipDirectory::index).
+    directory = std::make_unique<ZipDirectory>(source, ZipDirectory::Deferred{});
     std::exception_ptr directory_error;
     std::jthread indexer([&] {
       try {
-        directory = std::make_unique<ZipDirectory>(source);
+        directory->index();
       } catch (...) {
         directory_error = std::current_exception();
       }

@@ -11,10 +11,14 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <limits>
+#include <memory>
+#include <new>
 #include <stdexcept>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -40,7 +44,7 @@ class NameMap {
   V& add(std::string_view name, const V& initial = V{}, bool* added = nullptr) {
     if (name.size() > std::numeric_limits<std::uint32_t>::max())
       throw std::length_error("NameMap: a name of 4 GiB or more");
-    if (capacity_for(count_ + 1) > slots_.size()) rehash(slots_.size() * 2);
+    if (capacity_for(count_ + 1) > size_) rehash(size_ * 2);
     const std::uint32_t h = hash_of(name);
     Slot& s = probe(name, h);
     if (added != nullptr) *added = !s.used();
@@ -55,7 +59,7 @@ class NameMap {
   std::size_t size() const { return count_; }
   // Room for |expected| names in all without growing.
   void reserve(std::size_t expected) {
-    if (capacity_for(expected) > slots_.size()) rehash(capacity_for(expected));
+    if (capacity_for(expected) > size_) rehash(capacity_for(expected));
   }
 
  private:
@@ -82,21 +86,33 @@ class NameMap {
 
   // The slot holding |name|, or the free slot where it would go.
   Slot& probe(std::string_view name, std::uint32_t h) {
-    const std::size_t mask = slots_.size() - 1;
+    const std::size_t mask = size_ - 1;
     for (std::size_t i = h & mask;; i = (i + 1) & mask) {
       Slot& s = slots_[i];
       if (!s.used() || (s.hash == h && s.name() == name)) return s;
     }
   }
 
+  // The table comes from calloc: an all-zero Slot is a free one, and a large table is then
+  // fresh zero pages that nobody writes before the first names land in them (a table for
+  // 262,144 zip entries is 12 MB, and the thread that fills it is not the one that reserves it).
+  static_assert(std::is_trivially_copyable_v<Slot> && std::is_trivially_destructible_v<Slot>);
+  struct FreeSlots {
+    void operator()(Slot* p) const { std::free(p); }
+  };
+
   void rehash(std::size_t size) {
-    std::vector<Slot> old = std::exchange(slots_, std::vector<Slot>(size));
-    for (const Slot& s : old) {
-      if (s.used()) probe(s.name(), s.hash) = s;
+    std::unique_ptr<Slot[], FreeSlots> fresh(static_cast<Slot*>(std::calloc(size, sizeof(Slot))));
+    if (!fresh) throw std::bad_alloc();
+    std::unique_ptr<Slot[], FreeSlots> old = std::exchange(slots_, std::move(fresh));
+    const std::size_t old_size = std::exchange(size_, size);
+    for (std::size_t i = 0; i < old_size; ++i) {
+      if (old[i].used()) probe(old[i].name(), old[i].hash) = old[i];
     }
   }
 
-  std::vector<Slot> slots_;
+  std::unique_ptr<Slot[], FreeSlots> slots_;
+  std::size_t size_ = 0;
   std::size_t count_ = 0;
 };
 

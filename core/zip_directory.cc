@@ -117,17 +117,6 @@ struct ZipDirectory::LibzipState {
   }
 };
 
-ZipDirectory::ZipDirectory(const ByteSource& source)
-    : source_(source), libzip_(std::make_unique<LibzipState>(source)) {
-  walk_central_directory();
-  by_name_.reserve(entries_.size());
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    bool added = false;
-    by_name_.add(entries_[i].name, static_cast<std::uint32_t>(i), &added);
-    if (!added) throw FormatError(fmt::format("zip has two entries named '{}'", entries_[i].name));
-  }
-}
-
 ::zip* ZipDirectory::libzip_archive(const ZipEntry& entry) const {
   if (libzip_->archive != nullptr) return libzip_->archive;
   if (libzip_->released) {
@@ -313,21 +302,34 @@ LocalHeaderRef header_ref(std::uint64_t file_size, const ZipEntry& entry) {
 
 }  // namespace
 
-void ZipDirectory::walk_central_directory() {
-  const auto [cd_offset, cd_size, count] = locate_central_directory(source_);
-  // Not zeroed: the read fills it (first touches of fresh memory are what loading costs).
-  const auto cd = std::make_unique_for_overwrite<std::byte[]>(cd_size);
-  source_.read_at(cd_offset, std::span(cd.get(), cd_size));
+ZipDirectory::ZipDirectory(const ByteSource& source) : ZipDirectory(source, Deferred{}) {
+  index();
+}
+
+ZipDirectory::ZipDirectory(const ByteSource& source, Deferred)
+    : source_(source), libzip_(std::make_unique<LibzipState>(source)) {
+  const CentralDirectorySpan cd = locate_central_directory(source_);
+  cd_offset_ = cd.offset;
+  count_ = cd.count;
+  // Allocated here, touched by index(). Not zeroed: the read fills it (first touches of fresh
+  // memory are what loading costs).
+  cd_ = std::make_unique_for_overwrite<std::byte[]>(cd.size);
+  cd_size_ = cd.size;
   // The names take less than the directory that holds them.
-  names_ = std::make_unique_for_overwrite<char[]>(cd_size);
+  names_ = std::make_unique_for_overwrite<char[]>(cd.size);
+  entries_.reserve(cd.count);
+  by_name_.reserve(cd.count);
+}
+
+void ZipDirectory::index() {
+  source_.read_at(cd_offset_, std::span(cd_.get(), cd_size_));
   std::size_t names_used = 0;
-  entries_.reserve(count);
   std::size_t pos = 0;
-  for (std::uint64_t i = 0; i < count; ++i) {
+  for (std::uint64_t i = 0; i < count_; ++i) {
     std::size_t len = 0;
-    ZipEntry e = parse_central_entry(cd.get() + pos, cd_size - pos, i, len);
-    // Each entry holds its name after a 46-byte header, inside |cd_size|: the names and their
-    // NULs fit in |cd_size| bytes.
+    ZipEntry e = parse_central_entry(cd_.get() + pos, cd_size_ - pos, i, len);
+    // Each entry holds its name after a 46-byte header, inside |cd_size_|: the names and their
+    // NULs fit in |cd_size_| bytes.
     char* kept = names_.get() + names_used;
     std::memcpy(kept, e.name.data(), e.name.size());
     kept[e.name.size()] = '\0';
@@ -336,6 +338,12 @@ void ZipDirectory::walk_central_directory() {
     entries_.push_back(e);
     pos += len;
   }
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    bool added = false;
+    by_name_.add(entries_[i].name, static_cast<std::uint32_t>(i), &added);
+    if (!added) throw FormatError(fmt::format("zip has two entries named '{}'", entries_[i].name));
+  }
+  cd_.reset();
 }
 
 void ZipDirectory::cross_check_with_libzip() const {

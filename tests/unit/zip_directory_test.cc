@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include "byte_source.h"
 #include "errors.h"
@@ -252,6 +253,15 @@ TEST_CASE("the first record is read alone only when it is stored, sound and smal
   REQUIRE(e != nullptr);
   CHECK(e->local_header_offset == first->local_header_offset);
   CHECK(dir.read_entry(*e, 1u << 20) == first->bytes);
+  // In two steps, as the loader indexes on another thread: the same directory.
+  ZipDirectory two(src, ZipDirectory::Deferred{});
+  std::thread([&] { two.index(); }).join();
+  REQUIRE(two.entries().size() == dir.entries().size());
+  for (std::size_t i = 0; i < dir.entries().size(); ++i) {
+    CHECK(two.entries()[i].name == dir.entries()[i].name);
+    CHECK(two.find(dir.entries()[i].name) == &two.entries()[i]);
+    CHECK(two.data_offset(two.entries()[i]) == dir.data_offset(dir.entries()[i]));
+  }
   // Not wanted: nothing more is read.
   CHECK_FALSE(read_first_stored_record(src, 1u << 20, [](std::string_view) { return false; }));
   // Over the limit: left to the directory, which refuses it with a message.
