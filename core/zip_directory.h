@@ -81,9 +81,9 @@ class ZipDirectory {
   // In two steps, for a caller that indexes on another thread: this constructor reads the end
   // record and allocates every table (FormatError if there is no sound end record); index()
   // then reads the directory and fills them (FormatError for a bad entry), allocating nothing
-  // itself, since what a thread allocates stays in its own malloc arena, whose free top glibc
-  // does not give back (12 MB more resident after mounting 262,144 tensors). Nothing else may
-  // be called before index() returns.
+  // but that error, since what a thread allocates stays in its own malloc arena, whose free top
+  // glibc does not give back (12 MB more resident after mounting 262,144 tensors). Nothing else
+  // may be called before index() returns.
   struct Deferred {};
   ZipDirectory(const ByteSource& source, Deferred);
   void index();
