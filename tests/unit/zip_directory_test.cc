@@ -47,14 +47,42 @@ struct TempZip {
   std::vector<std::string> kept;
 };
 
+// |n| bytes that differ from their neighbours (byte i is i * step), so a misplaced read shows.
+std::string patterned(std::size_t n, unsigned step) {
+  std::string out(n, '\0');
+  for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<char>(i * step);
+  return out;
+}
+
+bool any_name(std::string_view /*name*/) {
+  return true;
+}
+
+// The bytes of the file at |path|.
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+// Calls |check| with a source over |whole| cut short: empty, inside the first header, halfway,
+// one byte short of the end.
+template <class Check>
+void for_each_truncation(const std::string& whole, Check check) {
+  for (std::size_t cut : {std::size_t{0}, std::size_t{10}, whole.size() / 2, whole.size() - 1}) {
+    TempZip part;
+    std::ofstream(part.path, std::ios::binary) << whole.substr(0, cut);
+    LocalFileSource src(part.path);
+    check(src);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("stored entries are found at their data offset; deflated ones are decompressed") {
   TempZip tz;
   tz.kept.reserve(8);
   zip_t* z = tz.create();
-  std::string payload(100000, '\0');
-  for (std::size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>(i * 7);
+  const std::string payload = patterned(100000, 7);
   tz.add(z, "archive/data.pkl", "pickle bytes", false);
   tz.add(z, "archive/data/0", payload, false);
   tz.add(z, "archive/packed", std::string(5000, 'z'), true);
@@ -213,31 +241,16 @@ TEST_CASE("truncated and non-zip files are FormatErrors") {
   zip_t* z = tz.create();
   tz.add(z, "a/data.pkl", std::string(3000, 'p'), false);
   REQUIRE(zip_close(z) == 0);
-  std::string whole;
-  {
-    std::ifstream in(tz.path, std::ios::binary);
-    whole.assign(std::istreambuf_iterator<char>(in), {});
-  }
-  for (std::size_t cut : {std::size_t{0}, std::size_t{10}, whole.size() / 2, whole.size() - 1}) {
-    TempZip part;
-    std::ofstream(part.path, std::ios::binary) << whole.substr(0, cut);
-    LocalFileSource src(part.path);
+  for_each_truncation(file_bytes(tz.path), [](const ByteSource& src) {
     CHECK_THROWS_AS(ZipDirectory(src), FormatError);
-  }
+  });
 }
-
-namespace {
-bool any_name(std::string_view) {
-  return true;
-}
-}  // namespace
 
 TEST_CASE("the first record is read alone only when it is stored, sound and small enough") {
   TempZip tz;
   tz.kept.reserve(8);
   zip_t* z = tz.create();
-  std::string pickle(70000, '\0');
-  for (std::size_t i = 0; i < pickle.size(); ++i) pickle[i] = static_cast<char>(i * 13);
+  const std::string pickle = patterned(70000, 13);
   tz.add(z, "archive/data.pkl", pickle, false);
   tz.add(z, "archive/data/0", std::string(4096, 'd'), false);
   REQUIRE(zip_close(z) == 0);
@@ -276,17 +289,10 @@ TEST_CASE("the first record is read alone only when it is stored, sound and smal
   CHECK_FALSE(read_first_stored_record(packed, 1u << 20, any_name).has_value());
 
   // A damaged archive gives nullopt, never an exception: its ZipDirectory says what is wrong.
-  std::string whole;
-  {
-    std::ifstream in(tz.path, std::ios::binary);
-    whole.assign(std::istreambuf_iterator<char>(in), {});
-  }
-  for (std::size_t cut : {std::size_t{0}, std::size_t{10}, whole.size() / 2, whole.size() - 1}) {
-    TempZip part;
-    std::ofstream(part.path, std::ios::binary) << whole.substr(0, cut);
-    LocalFileSource src_part(part.path);
-    CHECK_FALSE(read_first_stored_record(src_part, 1u << 20, any_name).has_value());
-  }
+  const std::string whole = file_bytes(tz.path);
+  for_each_truncation(whole, [](const ByteSource& part) {
+    CHECK_FALSE(read_first_stored_record(part, 1u << 20, any_name).has_value());
+  });
   // A local header that disagrees with the central directory (its name length changed).
   TempZip bad;
   std::string changed = whole;
