@@ -88,19 +88,18 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
   ValueArena arena;
   ValueId root = kNoValue;
   std::exception_ptr pickle_error;
+  // Allocated here, filled by index() (on the indexer thread, which must allocate nothing).
+  ZipDirectory zip(source, ZipDirectory::Deferred{});
   std::optional<FirstRecord> early =
-      read_first_stored_record(source, kMaxPickleBytes, [](std::string_view name) {
+      zip.read_first_stored_record(kMaxPickleBytes, [](std::string_view name) {
         const auto slash = name.find('/');
         return slash != std::string_view::npos && name.substr(slash + 1) == "data.pkl";
       });
-  std::unique_ptr<ZipDirectory> directory;
   if (early) {
-    // Allocated here, filled there (see ZipDirectory::index).
-    directory = std::make_unique<ZipDirectory>(source, ZipDirectory::Deferred{});
     std::exception_ptr directory_error;
     std::jthread indexer([&] {
       try {
-        directory->index();
+        zip.index();
       } catch (...) {
         directory_error = std::current_exception();
       }
@@ -115,9 +114,8 @@ LoadedCheckpoint load_torch_zip(const ByteSource& source) {
     indexer.join();
     if (directory_error) std::rethrow_exception(directory_error);
   } else {
-    directory = std::make_unique<ZipDirectory>(source);
+    zip.index();
   }
-  ZipDirectory& zip = *directory;
   if (zip.entries().empty()) throw FormatError("zip archive is empty, not a torch.save checkpoint");
   // torch takes the record prefix from the first entry, whatever the file is called now.
   const std::string_view first = zip.entries().front().name;

@@ -445,19 +445,17 @@ std::string ZipDirectory::read_entry(const ZipEntry& entry, std::uint64_t max_by
   return out;
 }
 
-std::optional<FirstRecord> read_first_stored_record(const ByteSource& source,
-                                                    std::uint64_t max_bytes,
-                                                    bool (*wanted)(std::string_view name)) {
+std::optional<FirstRecord> ZipDirectory::read_first_stored_record(
+    std::uint64_t max_bytes, bool (*wanted)(std::string_view name)) const {
   try {
-    const auto [cd_offset, cd_size, count] = locate_central_directory(source);
-    if (count == 0 || cd_size < kCentralHeaderSize) return std::nullopt;
+    if (count_ == 0 || cd_size_ < kCentralHeaderSize) return std::nullopt;
     std::array<std::byte, kCentralHeaderSize> fixed{};
-    source.read_at(cd_offset, fixed);
+    source_.read_at(cd_offset_, fixed);
     const std::size_t var_len = std::size_t{load_le<std::uint16_t>(fixed.data() + 28)} +
                                 load_le<std::uint16_t>(fixed.data() + 30) +
                                 load_le<std::uint16_t>(fixed.data() + 32);
-    std::vector<std::byte> raw(std::min<std::uint64_t>(cd_size, kCentralHeaderSize + var_len));
-    source.read_at(cd_offset, raw);
+    std::vector<std::byte> raw(std::min<std::uint64_t>(cd_size_, kCentralHeaderSize + var_len));
+    source_.read_at(cd_offset_, raw);
     std::size_t len = 0;
     const ZipEntry e = parse_central_entry(raw.data(), raw.size(), 0, len);
     // Only what read_entry() would read straight from the file, under the same checks.
@@ -465,19 +463,21 @@ std::optional<FirstRecord> read_first_stored_record(const ByteSource& source,
         e.size > max_bytes) {
       return std::nullopt;
     }
-    const LocalHeaderRef ref = header_ref(source.size(), e);
+    const LocalHeaderRef ref = header_ref(source_.size(), e);
+    // Not through libzip_->headers: index() may run meanwhile, and a read-ahead window is not
+    // thread-safe.
     std::array<std::byte, kLocalHeaderSize> local{};
-    source.read_at(ref.offset, local);
+    source_.read_at(ref.offset, local);
     const std::uint64_t data = data_offset_from_local_header(local, ref, e.name);
     FirstRecord out;
     out.name = e.name;
     out.local_header_offset = e.local_header_offset;
     out.size = e.size;
     out.bytes.resize(e.size);
-    source.read_at(data, std::as_writable_bytes(std::span(out.bytes)));
+    source_.read_at(data, std::as_writable_bytes(std::span(out.bytes)));
     return out;
   } catch (const CkptError&) {
-    return std::nullopt;  // the ZipDirectory of the same archive says what is wrong
+    return std::nullopt;  // index() or read_entry() says what is wrong
   }
 }
 

@@ -58,22 +58,13 @@ std::uint64_t data_offset_from_local_header(
     std::span<const std::byte, LocalHeaderRef::kSize> header, const LocalHeaderRef& ref,
     std::string_view record);
 
-// An archive's first record, read from its first central-directory entry alone (a few small
-// reads) by a caller that wants it before, or while, the whole directory is indexed: torch
-// writes its data.pkl there. nullopt unless |wanted| accepts its name (asked before anything
-// else is read) and it is stored, unencrypted, at most |max_bytes| long, with sound headers;
-// a damaged archive also gives nullopt (its ZipDirectory then says what is wrong). The bytes
-// are those read_entry() reads for it.
+// An archive's first record, read on its own (ZipDirectory::read_first_stored_record).
 struct FirstRecord {
   std::string name;
   std::uint64_t local_header_offset = 0;
   std::uint64_t size = 0;
   std::string bytes;
 };
-std::optional<FirstRecord> read_first_stored_record(const ByteSource& source,
-                                                    std::uint64_t max_bytes,
-                                                    bool (*wanted)(std::string_view name));
-
 class ZipDirectory {
  public:
   // Throws FormatError if |source| is not a readable zip archive.
@@ -87,6 +78,16 @@ class ZipDirectory {
   struct Deferred {};
   ZipDirectory(const ByteSource& source, Deferred);
   void index();
+
+  // The archive's first record, read from its first directory entry alone (a few small reads),
+  // for a caller that wants it before, or while, index() runs: torch writes its data.pkl there.
+  // Callable from the constructor on; call it before starting index() on another thread.
+  // nullopt unless |wanted| accepts its name (asked before anything else is read) and it is
+  // stored, unencrypted, at most |max_bytes| long, with sound headers; damage also gives
+  // nullopt (index() or read_entry() then says what is wrong). The bytes are those
+  // read_entry() reads for it.
+  std::optional<FirstRecord> read_first_stored_record(std::uint64_t max_bytes,
+                                                      bool (*wanted)(std::string_view name)) const;
   ~ZipDirectory();
   ZipDirectory(const ZipDirectory&) = delete;
   ZipDirectory& operator=(const ZipDirectory&) = delete;

@@ -255,20 +255,20 @@ TEST_CASE("the first record is read alone only when it is stored, sound and smal
   tz.add(z, "archive/data/0", std::string(4096, 'd'), false);
   REQUIRE(zip_close(z) == 0);
   LocalFileSource src(tz.path);
-  const auto first = read_first_stored_record(src, 1u << 20, any_name);
+  // In two steps, as the loader does: the first record before the directory is indexed.
+  ZipDirectory two(src, ZipDirectory::Deferred{});
+  const auto first = two.read_first_stored_record(1u << 20, any_name);
   REQUIRE(first.has_value());
   CHECK(first->name == "archive/data.pkl");
   CHECK(first->size == pickle.size());
   CHECK(first->bytes == pickle);
-  // The same record, and the same bytes, as the directory gives.
+  // Indexed on another thread: the same directory, record and bytes as in one step.
+  std::thread([&] { two.index(); }).join();
   ZipDirectory dir(src);
   const ZipEntry* e = dir.find("archive/data.pkl");
   REQUIRE(e != nullptr);
   CHECK(e->local_header_offset == first->local_header_offset);
   CHECK(dir.read_entry(*e, 1u << 20) == first->bytes);
-  // In two steps, as the loader indexes on another thread: the same directory.
-  ZipDirectory two(src, ZipDirectory::Deferred{});
-  std::thread([&] { two.index(); }).join();
   REQUIRE(two.entries().size() == dir.entries().size());
   for (std::size_t i = 0; i < dir.entries().size(); ++i) {
     CHECK(two.entries()[i].name == dir.entries()[i].name);
@@ -276,9 +276,9 @@ TEST_CASE("the first record is read alone only when it is stored, sound and smal
     CHECK(two.data_offset(two.entries()[i]) == dir.data_offset(dir.entries()[i]));
   }
   // Not wanted: nothing more is read.
-  CHECK_FALSE(read_first_stored_record(src, 1u << 20, [](std::string_view) { return false; }));
+  CHECK_FALSE(two.read_first_stored_record(1u << 20, [](std::string_view) { return false; }));
   // Over the limit: left to the directory, which refuses it with a message.
-  CHECK_FALSE(read_first_stored_record(src, pickle.size() - 1, any_name).has_value());
+  CHECK_FALSE(two.read_first_stored_record(pickle.size() - 1, any_name).has_value());
 
   TempZip deflated;
   deflated.kept.reserve(8);
@@ -286,21 +286,35 @@ TEST_CASE("the first record is read alone only when it is stored, sound and smal
   deflated.add(z, "archive/data.pkl", std::string(5000, 'p'), true);
   REQUIRE(zip_close(z) == 0);
   LocalFileSource packed(deflated.path);
-  CHECK_FALSE(read_first_stored_record(packed, 1u << 20, any_name).has_value());
+  CHECK_FALSE(ZipDirectory(packed, ZipDirectory::Deferred{})
+                  .read_first_stored_record(1u << 20, any_name)
+                  .has_value());
 
-  // A damaged archive gives nullopt, never an exception: its ZipDirectory says what is wrong.
+  // Damage gives nullopt or the directory's own error, never wrong bytes. Cut short, the end
+  // record is gone: the first step already refuses the archive.
   const std::string whole = file_bytes(tz.path);
   for_each_truncation(whole, [](const ByteSource& part) {
-    CHECK_FALSE(read_first_stored_record(part, 1u << 20, any_name).has_value());
+    CHECK_THROWS_AS(ZipDirectory(part, ZipDirectory::Deferred{}), FormatError);
   });
+  // The first directory entry corrupt: nullopt, and index() says what is wrong.
+  TempZip bad_entry;
+  std::string broken = whole;
+  const std::size_t central = broken.find(std::string("PK\x01\x02", 4));
+  REQUIRE(central != std::string::npos);
+  broken[central + 3] = '\x7f';
+  std::ofstream(bad_entry.path, std::ios::binary) << broken;
+  LocalFileSource src_entry(bad_entry.path);
+  ZipDirectory broken_dir(src_entry, ZipDirectory::Deferred{});
+  CHECK_FALSE(broken_dir.read_first_stored_record(1u << 20, any_name).has_value());
+  CHECK_THROWS_WITH(broken_dir.index(), Catch::Contains("entry 0 is corrupt"));
   // A local header that disagrees with the central directory (its name length changed).
   TempZip bad;
   std::string changed = whole;
   changed[26] = static_cast<char>(changed[26] + 1);
   std::ofstream(bad.path, std::ios::binary) << changed;
   LocalFileSource src_bad(bad.path);
-  CHECK_FALSE(read_first_stored_record(src_bad, 1u << 20, any_name).has_value());
   ZipDirectory bad_dir(src_bad);
+  CHECK_FALSE(bad_dir.read_first_stored_record(1u << 20, any_name).has_value());
   CHECK_THROWS_WITH(bad_dir.read_entry(*bad_dir.find("archive/data.pkl"), 1u << 20),
                     Catch::Contains("name length"));
 }
