@@ -124,6 +124,15 @@ void LocalFileSource::read_at(std::uint64_t offset, std::span<std::byte> dst) co
                   EIO);
   }
   pread_fully(fd_.get(), offset, dst);
+  if (dst.size() >= kDropAfterRead) {
+    // A read this large is metadata that the caller keeps its own copy of (data.pkl, a zip's
+    // central directory): 43 MB for 262,144 tensors. Freed now, those pages are the memory
+    // that parsing and cataloguing touch next; kept until the mount drops the file's cache,
+    // loading takes that much fresh memory, which these VMs are slow to hand out (mount of
+    // 262,144 tensors: 0.75 -> 0.69 s after 4 s idle, 0.70 -> 0.61 s right after a cache drop).
+    ::posix_fadvise(fd_.get(), static_cast<off_t>(offset), static_cast<off_t>(dst.size()),
+                    POSIX_FADV_DONTNEED);
+  }
   check_unchanged();
 }
 

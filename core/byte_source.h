@@ -73,6 +73,9 @@ class LocalFileSource final : public ByteSource {
   bool changed() const override { return changed_.load(std::memory_order_relaxed); }
 
   static constexpr std::size_t kDirectAlign = 4096;
+  // read_at() of at least this many bytes drops the range's cached pages once it has copied
+  // them: no one reads them twice.
+  static constexpr std::size_t kDropAfterRead = 1u << 20;
 
  private:
   void pread_fully(int fd, std::uint64_t offset, std::span<std::byte> dst) const;
