@@ -240,8 +240,9 @@ int run(const CliOptions& opts) {
     canonical_mountpoint = real.get();
   }
 
-  // Reading data.pkl and the zip directory left checkpoint pages in the page cache; from
-  // now on block reads bypass it (O_DIRECT) or drop what they read.
+  // The small metadata reads (the end record, local headers, the byteorder record) left
+  // checkpoint pages in the page cache (large ones drop their own); from now on block reads
+  // bypass it (O_DIRECT) or drop what they read.
   set->drop_cache();
 
   // The cache memory is reserved (not touched) before forking: no threads exist yet.
