@@ -8,10 +8,12 @@
 
 #include <catch2/catch.hpp>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "errors.h"
+#include "unique_fd.h"
 
 using namespace ckptfs;
 
@@ -22,12 +24,11 @@ struct TempFile {
   std::string path;
   explicit TempFile(const std::string& bytes) {
     char tmpl[] = "ckptfs-bytes-XXXXXX";
-    int fd = mkstemp(tmpl);
-    REQUIRE(fd >= 0);
+    const UniqueFd fd(mkstemp(tmpl));
+    REQUIRE(fd);
     path = tmpl;
-    REQUIRE(::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
-    REQUIRE(::fsync(fd) == 0);  // dirty pages cannot be dropped
-    ::close(fd);
+    REQUIRE(::write(fd.get(), bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
+    REQUIRE(::fsync(fd.get()) == 0);  // dirty pages cannot be dropped
   }
   ~TempFile() { std::remove(path.c_str()); }
 };
@@ -35,14 +36,18 @@ struct TempFile {
 // Pages of |path| in [offset, offset + length) that are in the page cache.
 std::size_t cached_pages(const std::string& path, std::size_t offset, std::size_t length) {
   const long page = sysconf(_SC_PAGESIZE);
-  int fd = ::open(path.c_str(), O_RDONLY);
-  REQUIRE(fd >= 0);
-  void* map = ::mmap(nullptr, offset + length, PROT_READ, MAP_SHARED, fd, 0);
-  ::close(fd);
+  const std::size_t mapped = offset + length;
+  void* map = MAP_FAILED;
+  {
+    const UniqueFd fd(::open(path.c_str(), O_RDONLY));
+    REQUIRE(fd);
+    map = ::mmap(nullptr, mapped, PROT_READ, MAP_SHARED, fd.get(), 0);
+  }
   REQUIRE(map != MAP_FAILED);
-  std::vector<unsigned char> in((offset + length + page - 1) / page);
-  REQUIRE(::mincore(map, offset + length, in.data()) == 0);
-  ::munmap(map, offset + length);
+  const auto unmap = [mapped](void* p) { ::munmap(p, mapped); };
+  const std::unique_ptr<void, decltype(unmap)> mapping(map, unmap);
+  std::vector<unsigned char> in((mapped + page - 1) / page);
+  REQUIRE(::mincore(map, mapped, in.data()) == 0);
   std::size_t n = 0;
   for (std::size_t i = offset / page; i < in.size(); ++i) n += in[i] & 1;
   return n;
