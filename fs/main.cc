@@ -302,7 +302,9 @@ int run(const CliOptions& opts) {
         return read_for_preload(state, ino, offset, out);
       });
   state.notifier = &notifier;
-  if (fuse_session_mount(se.get(), opts.mountpoint.c_str()) != 0) {
+  // By its absolute path: libfuse unmounts by the path it mounted, after fuse_daemonize has
+  // changed to "/", and a relative one would then name nothing (the mount was left behind).
+  if (fuse_session_mount(se.get(), canonical_mountpoint.c_str()) != 0) {
     fuse_remove_signal_handlers(se.get());
     std::fprintf(
         stderr,

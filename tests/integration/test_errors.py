@@ -30,6 +30,15 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+def proc_argv(pid):
+    """The argument vector of process |pid|, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode() for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return None
+
+
 def rezip(src, dst, replace):
     """Copies a torch zip, replacing the content of records named in |replace| (stored)."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
@@ -350,6 +359,30 @@ class ErrorsTest(unittest.TestCase):
                 unmount(mnt, proc)
                 proc.stderr.close()
                 os.rmdir(mnt)
+
+    def test_daemon_with_relative_mountpoint_unmounts_on_signal(self):
+        """The daemon changes to / when it detaches: a mountpoint given relative to where it
+        started must still be the one it unmounts at SIGTERM (it was left behind, reporting
+        "Transport endpoint is not connected")."""
+        parent = tempfile.mkdtemp(prefix="ckptfs-rel-")
+        mnt = os.path.join(parent, "m")
+        os.mkdir(mnt)
+        argv = [BINARY, self.good, "m"]
+        try:
+            r = subprocess.run(argv, cwd=parent, capture_output=True, text=True, timeout=60)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertTrue(is_mounted(mnt))
+            pids = [p for p in os.listdir("/proc") if p.isdigit() and proc_argv(p) == argv]
+            self.assertEqual(len(pids), 1, f"daemon processes {pids}")
+            os.kill(int(pids[0]), signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while is_mounted(mnt) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertFalse(is_mounted(mnt), "SIGTERM left the relative mountpoint mounted")
+        finally:
+            unmount(mnt)
+            os.rmdir(mnt)
+            os.rmdir(parent)
 
     def test_help_and_version(self):
         r = run_ckptfs("--help")
