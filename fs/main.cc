@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -33,6 +34,7 @@
 #include "kernel_notifier.h"
 #include "memory_budget.h"
 #include "scheduler_slice.h"
+#include "shutdown_signal.h"
 
 namespace ckptfs {
 namespace {
@@ -57,7 +59,7 @@ struct SessionDeleter {
 };
 using SessionPtr = std::unique_ptr<fuse_session, SessionDeleter>;
 
-// Unmounts and removes signal handlers on every exit path once mounted.
+// Unmounts on every exit path once mounted.
 class MountGuard {
  public:
   explicit MountGuard(fuse_session* se) : se_(se) {}
@@ -65,7 +67,6 @@ class MountGuard {
   void unmount() {
     if (se_ == nullptr) return;
     fuse_session_unmount(se_);
-    fuse_remove_signal_handlers(se_);
     se_ = nullptr;
   }
   MountGuard(const MountGuard&) = delete;
@@ -152,6 +153,9 @@ bool set_readahead(const std::string& bdi, std::uint32_t kb) {
 // Blocks loaded ahead of a sequential reader: enough to hide the source's latency behind
 // the copies of the blocks before (docs/benchmarks.md), a few MiB at most.
 constexpr std::uint32_t kPrefetchBlocks = 4;
+// How long a signal waits for the notifier to finish, while requests are still answered. A
+// notification waits only for READs in flight, which the loop answers: milliseconds.
+constexpr std::chrono::milliseconds kQuiesceWhileServing{5000};
 
 // |warn|: the user asked for |kb| (the default is set quietly, and only as root). |stop| ends
 // the thread early: a mount that ends within its first seconds must not wait for it.
@@ -290,22 +294,34 @@ int run(const CliOptions& opts) {
     std::fprintf(stderr, "ckptfs: could not start a FUSE session (bad -o option?)\n");
     return 1;
   }
-  if (fuse_set_signal_handlers(se.get()) != 0) {
-    std::fprintf(stderr, "ckptfs: could not install signal handlers\n");
-    return 1;
-  }
-  // Declared before the guard: on every exit path the mount goes first, then the thread, so a
-  // notification in progress is released by the unmount instead of waiting forever.
+  // Declared before the guard: on every exit path the mount goes first, then the thread. No
+  // notification is left waiting by then: a signal ends the loop only once the notifier is
+  // quiet (ShutdownSignal), and an unmount that ends the loop ends the connection with it.
   KernelNotifier notifier(
       se.get(), ledger,
       [&state](std::uint64_t ino, std::uint64_t offset, std::span<std::byte> out) {
         return read_for_preload(state, ino, offset, out);
       });
   state.notifier = &notifier;
+  // A signal ends the loop only after the notifier has finished what it was doing, while
+  // requests are still answered (see shutdown_signal.h for the hang this prevents).
+  std::optional<ShutdownSignal> shutdown;
+  try {
+    shutdown.emplace(se.get(), [&notifier] {
+      if (!notifier.quiesce(kQuiesceWhileServing)) {
+        std::fprintf(stderr,
+                     "ckptfs: a page-cache notification is still waiting after %lld ms; "
+                     "unmounting anyway\n",
+                     static_cast<long long>(kQuiesceWhileServing.count()));
+      }
+    });
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ckptfs: could not install signal handlers: %s\n", e.what());
+    return 1;
+  }
   // By its absolute path: libfuse unmounts by the path it mounted, after fuse_daemonize has
   // changed to "/", and a relative one would then name nothing (the mount was left behind).
   if (fuse_session_mount(se.get(), canonical_mountpoint.c_str()) != 0) {
-    fuse_remove_signal_handlers(se.get());
     std::fprintf(
         stderr,
         "ckptfs: could not mount on '%s' (is /dev/fuse available and fusermount3 installed?)\n",
@@ -323,14 +339,19 @@ int run(const CliOptions& opts) {
     return 1;
   }
 
-  notifier.start();  // after fuse_daemonize: threads do not survive its fork
-  cache->enable_prefetch(kPrefetchBlocks);
-  cache->start_prefault();
   std::thread readahead;
   std::atomic<bool> readahead_stop{false};
-  if (readahead_kb != 0) {
-    readahead =
-        readahead_setter(state, bdi, readahead_kb, /*warn=*/opts.readahead_kb != 0, readahead_stop);
+  {
+    // After fuse_daemonize: threads do not survive its fork. None of them takes the signals.
+    const ShutdownSignalsBlocked blocked;
+    notifier.start();
+    cache->enable_prefetch(kPrefetchBlocks);
+    cache->start_prefault();
+    if (readahead_kb != 0) {
+      readahead = readahead_setter(state, bdi, readahead_kb, /*warn=*/opts.readahead_kb != 0,
+                                   readahead_stop);
+    }
+    shutdown->start();
   }
 
   // Last, after the helper threads (notifier, prefetcher, prefaulter) exist: only libfuse's
@@ -341,6 +362,7 @@ int run(const CliOptions& opts) {
   fuse_loop_cfg_set_clone_fd(cfg, 0);
   fuse_loop_cfg_set_max_threads(cfg, 16);
   int rc = fuse_session_loop_mt(se.get(), cfg);
+  shutdown->stop();
   // When a lazily unmounted (fusermount3 -u -z) filesystem's last file closes, the kernel ends
   // the connection, and reading /dev/fuse then fails with ENODEV (which libfuse takes as the
   // end) or, in ~7 % of teardowns on kernel 6.18, ECONNABORTED (which it reports as an error,
@@ -351,12 +373,12 @@ int run(const CliOptions& opts) {
   readahead_stop = true;
   if (readahead.joinable()) readahead.join();
   // The unmount closes the session's fd: the notifier must not start a notification on it
-  // after that (found by TSan: close() racing the notifier's writev()).
+  // after that (found by TSan: close() racing the notifier's writev()). After a signal it is
+  // quiet already; after an unmount the kernel fails its notifications at once.
   notifier.quiesce(std::chrono::milliseconds(500));
   guard.unmount();
   notifier.stop();
-  // libfuse reports an exit by SIGINT/SIGTERM/SIGHUP as the (positive) signal number: that is
-  // a requested, clean shutdown. Negative values are errors.
+  // Negative values are errors; a signal or an unmount is a clean end.
   return rc < 0 ? 1 : 0;
 }
 

@@ -52,8 +52,35 @@ def is_mounted(path):
     return mount_type(path) is not None
 
 
-def unmount(path, proc=None):
-    """Unmounts |path| and reaps |proc|; falls back to a lazy unmount and kill."""
+def fuse_connection(path):
+    """The FUSE connection number of the mount at |path| (its device's minor, the name of its
+    directory under /sys/fs/fuse/connections), read from mountinfo so that no request is sent."""
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if unescape_mount_field(fields[4]) == path:
+                major, minor = fields[2].split(":")
+                return int(minor) if major == "0" else None
+    return None
+
+
+def abort_connection(conn):
+    """Aborts FUSE connection |conn| through fusectl (mounted here if it is not): the one way to
+    free a daemon stuck in the kernel, which not even SIGKILL ends. The last resort of a test."""
+    base = "/sys/fs/fuse/connections"
+    if not os.path.isdir(os.path.join(base, str(conn))):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", base], capture_output=True, timeout=30)
+    try:
+        with open(os.path.join(base, str(conn), "abort"), "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
+def unmount(path, proc=None, conn=None):
+    """Unmounts |path| and reaps |proc|; falls back to a lazy unmount and kill, and at last to
+    aborting the FUSE connection |conn| (fuse_connection()) if the daemon is stuck even then."""
     if is_mounted(path):
         subprocess.run(["fusermount3", "-u", path], capture_output=True, timeout=30)
     if proc is not None:
@@ -65,7 +92,13 @@ def unmount(path, proc=None):
         subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, timeout=30)
     if proc is not None and proc.poll() is None:
         proc.kill()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            if conn is None:
+                raise
+            abort_connection(conn)
+            proc.wait(timeout=30)
 
 
 class Mount:
@@ -80,6 +113,7 @@ class Mount:
         self.prefix = list(prefix)
         self.path = None
         self.proc = None
+        self.conn = None
         self.stderr_text = ""
 
     def __enter__(self):
@@ -99,10 +133,11 @@ class Mount:
                 self.__exit__(None, None, None)
                 raise AssertionError("ckptfs did not mount within 30 s")
             time.sleep(0.02)
+        self.conn = fuse_connection(self.path)
         return self
 
     def __exit__(self, *exc):
-        unmount(self.path, self.proc)
+        unmount(self.path, self.proc, self.conn)
         self.stderr_file.seek(0)
         self.stderr_text = self.stderr_file.read()
         self.stderr_file.close()

@@ -18,10 +18,12 @@ import zipfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ckptfs_testlib import Mount, ReaderProcess, is_mounted, require_fuse, torch_bytes  # noqa: E402
+from ckptfs_testlib import (Mount, ReaderProcess, abort_connection, is_mounted, require_fuse,  # noqa: E402
+                            torch_bytes)
 
 MIB = 1 << 20
 INJECTOR = os.environ.get("CKPTFS_EIO_INJECTOR", "")
+NOTIFY_GATE = os.environ.get("CKPTFS_NOTIFY_GATE_LIB", "")
 
 
 def record_offset(path, suffix):
@@ -206,6 +208,48 @@ class FaultsTest(unittest.TestCase):
                     r.proc.wait(timeout=30)
                     r.proc.stdin.close()
                     r.proc.stdout.close()
+
+    def test_signal_while_an_invalidation_waits_for_reads(self):
+        """SIGTERM while the daemon's page-cache invalidation waits for pages whose READs are in
+        flight. The kernel holds the invalidation until those READs are answered, so the daemon
+        must keep answering until it is done; stopping the request loop first left it stuck in
+        the kernel for ever, not even killable (seen once in ~5 runs of the suite, and every
+        time with the gate below). The gate holds one invalidation until the signal has been
+        sent and widens it to the whole file, which the readers are reading."""
+        self.assertTrue(NOTIFY_GATE and os.path.exists(NOTIFY_GATE),
+                        "CKPTFS_NOTIFY_GATE_LIB must name the built notify_gate library (run through ctest)")
+        path = os.path.join(self.tmp.name, "gate.pt")
+        # One 32 MiB tensor, 4x the limit: the readers' pages are invalidated all the time.
+        torch.save({"w": torch.randn(8 << 20, generator=torch.Generator().manual_seed(3))}, path)
+        gate = tempfile.mkdtemp(prefix="gate-", dir=self.tmp.name)
+        env = dict(os.environ, LD_PRELOAD=NOTIFY_GATE, CKPTFS_NOTIFY_GATE=gate)
+        with Mount(path, "--limit-mb", "8", env=env) as m:
+            readers = [ReaderProcess("random", m.path, "60", str(seed), "2", stderr=subprocess.DEVNULL)
+                       for seed in range(2)]
+            for r in readers:
+                r.go()
+            time.sleep(0.5)
+            open(os.path.join(gate, "armed"), "w").close()
+            deadline = time.monotonic() + 30
+            while not os.path.exists(os.path.join(gate, "held")):
+                self.assertLess(time.monotonic(), deadline, "no invalidation reached the gate in 30 s")
+                time.sleep(0.01)
+            m.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)  # the readers are waiting for READs by now, whoever answers them
+            open(os.path.join(gate, "go"), "w").close()
+            try:
+                rc = m.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                abort_connection(m.conn)  # frees the stuck daemon, so the suite goes on
+                self.fail("SIGTERM with an invalidation waiting for READs: the daemon hung")
+            self.assertEqual(rc, 0, "SIGTERM with an invalidation waiting for READs: unclean exit")
+            with open(os.path.join(gate, "passed")) as f:
+                self.assertFalse(f.read().startswith("errno"), "the held invalidation failed")
+            self.assertFalse(is_mounted(m.path), "the mount was left behind")
+            for r in readers:
+                r.proc.wait(timeout=30)
+                r.proc.stdin.close()
+                r.proc.stdout.close()
 
     def test_sigkill_then_fusermount_recovers(self):
         path = self.copy("sigkill.pt")
