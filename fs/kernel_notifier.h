@@ -53,13 +53,13 @@ class KernelNotifier {
   KernelNotifier& operator=(const KernelNotifier&) = delete;
 
   void start();
-  // Before unmounting (which closes the session's fd): no notification starts after this
-  // returns. Waits up to |wait| for one in progress to end and returns whether none is left;
-  // one that is still waiting (for a READ the stopped loop will never answer) is ended by the
-  // unmount, and the thread then never touches the session again.
+  // Before the request loop ends (ShutdownSignal) and again before unmounting (which closes
+  // the session's fd): no notification starts after this returns. Waits up to |wait| for one
+  // in progress to end and returns whether none is left. A notification can only end while
+  // the loop answers the READs it waits for: once the loop has stopped, one still waiting
+  // holds /dev/fuse, so even the unmount's close cannot abort the connection for it.
   bool quiesce(std::chrono::milliseconds wait);
-  // Stops and joins the thread. Call after the filesystem is unmounted, so a notification in
-  // progress cannot wait for a READ that will never be answered.
+  // Stops and joins the thread, after quiesce() and the unmount.
   void stop();
   // Non-blocking: asks the thread to bring the ledger back within its budget.
   void wake();
