@@ -38,6 +38,13 @@ def record_offset(path, suffix):
     return info.header_offset + 30 + name_len + extra_len, info.file_size
 
 
+def preload_env(library, **variables):
+    """The daemon's environment with |library| preloaded and |variables| set."""
+    return dict(os.environ, LD_PRELOAD=library, **variables,
+                # Under scripts/test-sanitizers the library is preloaded ahead of ASan's runtime.
+                ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0")
+
+
 def read_file(path):
     with open(path, "rb") as f:
         return f.read()
@@ -81,9 +88,7 @@ class FaultsTest(unittest.TestCase):
         b_off, b_len = record_offset(path, "data/1")
         # The bad range is inside b's third MiB: b's first MiB and every other record still read.
         bad = b_off + 2 * MIB
-        env = dict(os.environ, LD_PRELOAD=INJECTOR, CKPTFS_FAULT_FILE=path, CKPTFS_FAULT_RANGE=f"{bad}:4096",
-                   # Under scripts/test-sanitizers the injector is preloaded ahead of ASan's runtime.
-                   ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0")
+        env = preload_env(INJECTOR, CKPTFS_FAULT_FILE=path, CKPTFS_FAULT_RANGE=f"{bad}:4096")
         with Mount(path, "--limit-mb", "16", env=env) as m:
             for _ in range(2):  # a failed block is not cached: the second try fails the same way
                 self.assert_eio(m.file("b"))
@@ -222,7 +227,7 @@ class FaultsTest(unittest.TestCase):
         # One 32 MiB tensor, 4x the limit: the readers' pages are invalidated all the time.
         torch.save({"w": torch.randn(8 << 20, generator=torch.Generator().manual_seed(3))}, path)
         gate = tempfile.mkdtemp(prefix="gate-", dir=self.tmp.name)
-        env = dict(os.environ, LD_PRELOAD=NOTIFY_GATE, CKPTFS_NOTIFY_GATE=gate)
+        env = preload_env(NOTIFY_GATE, CKPTFS_NOTIFY_GATE=gate)
         with Mount(path, "--limit-mb", "8", env=env) as m:
             readers = [ReaderProcess("random", m.path, "60", str(seed), "2", stderr=subprocess.DEVNULL)
                        for seed in range(2)]
