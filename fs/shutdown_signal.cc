@@ -90,16 +90,15 @@ void ShutdownSignal::stop() {
   if (thread_.joinable()) thread_.join();
 }
 
-void ShutdownSignal::wait(int timeout_ms) {
+bool ShutdownSignal::wait(int timeout_ms) {
   pollfd pfd{wake_.get(), POLLIN, 0};
-  if (::poll(&pfd, 1, timeout_ms) > 0) {
-    std::uint64_t count = 0;
-    (void)!::read(wake_.get(), &count, sizeof count);
-  }
+  std::uint64_t count = 0;
+  return ::poll(&pfd, 1, timeout_ms) > 0 && ::read(wake_.get(), &count, sizeof count) > 0;
 }
 
 void ShutdownSignal::run() {
-  wait(-1);
+  while (!wait(-1)) {
+  }
   // The loop ended on its own (unmounted), or no signal was ours to handle (all were ignored,
   // so none woke us).
   if (stop_requested_ || wake_signal_ == 0) return;

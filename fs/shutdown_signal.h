@@ -30,8 +30,9 @@ namespace ckptfs {
 class ShutdownSignal {
  public:
   // Installs the handlers, in place of libfuse's: like those, only for signals not ignored
-  // (nohup, a shell's background job), and SIGPIPE is caught and dropped. One at a time.
-  // Throws std::system_error when a handler cannot be installed.
+  // (nohup, a shell's background job), and SIGPIPE is caught and dropped. Throws
+  // std::system_error when a handler cannot be installed, std::logic_error if another
+  // ShutdownSignal exists (the handlers are process-wide).
   ShutdownSignal(fuse_session* session, std::function<void()> before_exit);
   ~ShutdownSignal();
   ShutdownSignal(const ShutdownSignal&) = delete;
@@ -47,8 +48,9 @@ class ShutdownSignal {
   void run();
   // Puts back the handlers that were there before; the handler no longer reaches wake_.
   void restore();
-  // Waits up to |timeout_ms| (-1: for ever) for a signal or stop(); consumes the wake-up.
-  void wait(int timeout_ms);
+  // Waits up to |timeout_ms| (-1: for ever) for a signal or stop(), and consumes the wake-up;
+  // false when there was none (timeout, or poll interrupted).
+  bool wait(int timeout_ms);
 
   fuse_session* session_;
   std::function<void()> before_exit_;
