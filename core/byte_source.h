@@ -79,6 +79,8 @@ class LocalFileSource final : public ByteSource {
 
  private:
   void pread_fully(int fd, std::uint64_t offset, std::span<std::byte> dst) const;
+  // Drops the file's cached pages in [offset, offset + length); length 0: to the end.
+  void drop_pages(std::uint64_t offset, std::uint64_t length) const;
   [[noreturn]] void throw_read_error(std::uint64_t at, int err) const;
   [[noreturn]] void throw_truncated(std::uint64_t at) const;
   void check_unchanged() const;
