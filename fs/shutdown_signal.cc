@@ -12,8 +12,6 @@
 namespace ckptfs {
 namespace {
 
-constexpr std::array<int, 4> kSignals{SIGHUP, SIGINT, SIGTERM, SIGPIPE};
-
 // What the handler reaches: a handler gets no argument but the signal number.
 std::atomic<int> g_wake_fd{-1};
 // Set once the shutdown has begun: the signals sent to interrupt the loop's wait then do nothing.
@@ -117,7 +115,9 @@ void ShutdownSignal::run() {
 ShutdownSignalsBlocked::ShutdownSignalsBlocked() {
   sigset_t block;
   sigemptyset(&block);
-  for (int s : {SIGHUP, SIGINT, SIGTERM}) sigaddset(&block, s);
+  for (int s : ShutdownSignal::kSignals) {
+    if (s != SIGPIPE) sigaddset(&block, s);
+  }
   ::pthread_sigmask(SIG_BLOCK, &block, &previous_);
 }
 

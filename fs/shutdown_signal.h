@@ -29,6 +29,9 @@ namespace ckptfs {
 
 class ShutdownSignal {
  public:
+  // The signals that end the mount, then SIGPIPE, which is caught and dropped.
+  static constexpr std::array<int, 4> kSignals{SIGHUP, SIGINT, SIGTERM, SIGPIPE};
+
   // Installs the handlers, in place of libfuse's: like those, only for signals not ignored
   // (nohup, a shell's background job), and SIGPIPE is caught and dropped. Throws
   // std::system_error when a handler cannot be installed, std::logic_error if another
@@ -55,16 +58,16 @@ class ShutdownSignal {
   fuse_session* session_;
   std::function<void()> before_exit_;
   UniqueFd wake_;  // an eventfd: the handler's only action, as it must be async-signal-safe
-  std::array<struct sigaction, 4> previous_{};
-  std::array<bool, 4> installed_{};
+  std::array<struct sigaction, kSignals.size()> previous_{};
+  std::array<bool, kSignals.size()> installed_{};
   int wake_signal_ = 0;  // one of ours, sent to interrupt the loop's wait
   pthread_t loop_thread_{};
   std::atomic<bool> stop_requested_{false};
   std::thread thread_;
 };
 
-// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread while it lives. Threads created
-// meanwhile inherit the mask, so a signal reaches only the thread running the request loop,
+// Blocks the signals that end the mount (not SIGPIPE) in the calling thread while it lives. Threads
+// created meanwhile inherit the mask, so a signal reaches only the thread running the request loop,
 // never a helper thread whose system call it would interrupt.
 class ShutdownSignalsBlocked {
  public:
