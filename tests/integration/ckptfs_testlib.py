@@ -198,6 +198,70 @@ class ReaderProcess:
         return json.loads(out.strip().splitlines()[-1])
 
 
+def resident_pages(path):
+    """(pages of |path| in the page cache, pages of |path|), by mincore() on a shared mapping:
+    looking touches no page, so for a FUSE file it sends no READ."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = os.path.getsize(path)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    if pages == 0:
+        return 0, 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path}")
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path}")
+            return sum(b & 1 for b in vec.raw), pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def reclaim_counters():
+    """What the kernel's own reclaim has taken so far (pgsteal_*), and whether a DAMON
+    'pageout' scheme is running (these VMs run one on physical memory: it drops page-cache
+    pages that were touched at most once in a while, within seconds, and counts in no
+    pgsteal). Compare two calls to tell whether anything besides ckptfs may have dropped a
+    page of a mounted file between them."""
+    steal = 0
+    with open("/proc/vmstat") as f:
+        for line in f:
+            name, value = line.split()
+            if name.startswith("pgsteal_"):
+                steal += int(value)
+    damon = False
+    root = "/sys/kernel/mm/damon/admin/kdamonds"
+
+    def numbered(d):  # the sysfs tree numbers its kdamonds, contexts and schemes
+        return [os.path.join(d, n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+
+    try:
+        for kd in numbered(root):
+            with open(os.path.join(kd, "state")) as f:
+                if f.read().strip() != "on":
+                    continue
+            for ctx in numbered(os.path.join(kd, "contexts")):
+                for sc in numbered(os.path.join(ctx, "schemes")):
+                    with open(os.path.join(sc, "action")) as f:
+                        damon |= f.read().strip() == "pageout"
+    except OSError:
+        damon = True  # unreadable (not root?): assume the worst
+    return {"pgsteal": steal, "damon_pageout": damon}
+
+
 def run_ckptfs(*args, timeout=60):
     return subprocess.run([BINARY, *args], capture_output=True, text=True, timeout=timeout)
 
