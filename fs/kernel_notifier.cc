@@ -45,12 +45,24 @@ void KernelNotifier::wake() {
   cv_.notify_one();
 }
 
-void KernelNotifier::preload(std::uint64_t inode, std::uint64_t length) {
+void KernelNotifier::preload(std::uint64_t inode, std::uint64_t length, PreloadFor why) {
   if (!read_file_ || length == 0) return;
   {
     std::lock_guard lock(mu_);
+    // Asked again while waiting: once. A LOOKUP's request keeps its retries, which a probe of
+    // an inode the kernel is still making would miss.
+    for (Preload& p : preloads_) {
+      if (p.inode != inode) continue;
+      if (why == PreloadFor::kLookedUp) p.why = why;
+      return;
+    }
+    // Ahead of a reader, a file stored just now (or being stored) is not stored again: the READ
+    // that asks again is one whose own file lost the race to its store.
+    if (why == PreloadFor::kAhead &&
+        std::find(recent_.begin(), recent_.end(), inode) != recent_.end())
+      return;
     if (preloads_.size() >= kMaxQueuedPreloads) preloads_.pop_front();
-    preloads_.push_back(Preload{inode, length});
+    preloads_.push_back(Preload{inode, length, why});
   }
   cv_.notify_one();
 }
@@ -95,6 +107,8 @@ void KernelNotifier::store_file(const Preload& p) {
   // (Storing from pinned blocks when they were loaded saved no time: 2026-12-03, 73 % of the
   // steps pinned, daemon CPU per 2 GiB stream 0.92 s against 0.94 s, the loop no faster.)
   if (buffer_.empty()) buffer_.resize(kStoreBytes);
+  // No bytes stored: the kernel answers -ENOENT for an inode it does not know, 0 otherwise.
+  if (p.why == PreloadFor::kAhead && store(p.inode, 0, 0, /*new_inode=*/false) != 0) return;
   bool stored = false;
   for (std::uint64_t offset = 0; offset < p.length; offset += kStoreBytes) {
     if (stopping()) return;
@@ -107,7 +121,8 @@ void KernelNotifier::store_file(const Preload& p) {
       break;  // the reader's own READ of these bytes reports the error
     }
     if (got == 0) break;
-    if (store(p.inode, offset, got, /*new_inode=*/offset == 0) != 0) break;
+    const bool new_inode = offset == 0 && p.why == PreloadFor::kLookedUp;
+    if (store(p.inode, offset, got, new_inode) != 0) break;
     stored = true;
     preloaded_bytes_ += got;
     // Recorded like a reply, and the budget restored before the next store: a long preload
@@ -116,12 +131,15 @@ void KernelNotifier::store_file(const Preload& p) {
     invalidate_excess();
     if (got < want) break;
   }
-  if (stored) ++preloaded_files_;
+  if (stored) {
+    ++preloaded_files_;
+    if (p.why == PreloadFor::kAhead) ++preloaded_ahead_;
+  }
 }
 
 void KernelNotifier::run() {
   for (;;) {
-    Preload next{0, 0};
+    Preload next{0, 0, PreloadFor::kLookedUp};
     {
       std::unique_lock lock(mu_);
       // The timeout is a safety net only; replies over budget wake the thread at once.
@@ -132,6 +150,7 @@ void KernelNotifier::run() {
       if (!preloads_.empty()) {
         next = preloads_.front();
         preloads_.pop_front();
+        recent_[recent_next_++ % recent_.size()] = next.inode;
       }
       busy_ = true;
     }

@@ -16,6 +16,7 @@
 #define FUSE_USE_VERSION 314
 #include <fuse_lowlevel.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -63,20 +64,27 @@ class KernelNotifier {
   void stop();
   // Non-blocking: asks the thread to bring the ledger back within its budget.
   void wake();
+  // Whom a preload is for: the file a LOOKUP has just answered (the kernel makes its inode
+  // once the looking-up task wakes, so a first store may come too early and is retried), or a
+  // file ahead of a reader, which the kernel knows only if something listed or looked it up:
+  // a store of no bytes asks first, so an unknown file costs no read of its bytes.
+  enum class PreloadFor { kLookedUp, kAhead };
   // Non-blocking: asks the thread to store the first |length| bytes of |inode| in the kernel's
   // page cache (in kStoreBytes steps, each recorded and kept within the budget like a reply).
-  void preload(std::uint64_t inode, std::uint64_t length);
+  void preload(std::uint64_t inode, std::uint64_t length, PreloadFor why = PreloadFor::kLookedUp);
 
   std::uint64_t invalidations() const { return invalidations_.load(); }
   std::uint64_t invalidated_bytes() const { return invalidated_bytes_.load(); }
   std::uint64_t preloaded_files() const { return preloaded_files_.load(); }
   std::uint64_t preloaded_bytes() const { return preloaded_bytes_.load(); }
   std::uint64_t store_retries() const { return store_retries_.load(); }
+  std::uint64_t preloaded_ahead() const { return preloaded_ahead_.load(); }
 
  private:
   struct Preload {
     std::uint64_t inode;
     std::uint64_t length;
+    PreloadFor why;
   };
 
   void run();
@@ -97,6 +105,8 @@ class KernelNotifier {
   bool stopping_ = false;
   bool busy_ = false;  // notifying, without mu_ held
   std::deque<Preload> preloads_;
+  std::array<std::uint64_t, 8> recent_{};  // the inodes of the last preloads taken (0: none)
+  std::size_t recent_next_ = 0;
   std::vector<std::byte> buffer_;  // one store's bytes, allocated at the first preload
   std::thread thread_;
   std::atomic<std::uint64_t> invalidations_{0};
@@ -104,6 +114,7 @@ class KernelNotifier {
   std::atomic<std::uint64_t> preloaded_files_{0};
   std::atomic<std::uint64_t> preloaded_bytes_{0};
   std::atomic<std::uint64_t> store_retries_{0};
+  std::atomic<std::uint64_t> preloaded_ahead_{0};  // files, of preloaded_files_
 };
 
 }  // namespace ckptfs

@@ -148,6 +148,12 @@ class Mount:
     def file(self, rel):
         return os.path.join(self.path, rel)
 
+    def stderr_text_now(self):
+        """The daemon's stderr so far (the -d log), through a file description of its own: the
+        daemon's shares its offset with ours, so seeking it would move where the daemon writes."""
+        with open(f"/proc/{self.proc.pid}/fd/2") as f:
+            return f.read()
+
     def index(self):
         with open(self.file(".ckptfs/index.json")) as f:
             return json.load(f)
@@ -260,6 +266,13 @@ def reclaim_counters():
     except OSError:
         damon = True  # unreadable (not root?): assume the worst
     return {"pgsteal": steal, "damon_pageout": damon}
+
+
+def reclaim_ran_since(before):
+    """Whether something besides ckptfs may have dropped page-cache pages since |before|
+    (reclaim_counters()): a DAMON pageout scheme is on, or the kernel's reclaim took pages."""
+    now = reclaim_counters()
+    return now["damon_pageout"] or now["pgsteal"] != before["pgsteal"]
 
 
 def run_ckptfs(*args, timeout=60):

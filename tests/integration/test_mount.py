@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gen_checkpoints  # noqa: E402
-from ckptfs_testlib import (Mount, dtype_name, reclaim_counters, require_fuse,  # noqa: E402
-                            resident_pages, torch_bytes, torch_tensors)
+from ckptfs_testlib import (Mount, dtype_name, reclaim_counters, reclaim_ran_since,  # noqa: E402
+                            require_fuse, resident_pages, torch_bytes, torch_tensors)
 
 NUMPY_OF = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<u2", "int8": "|i1",
             "int16": "<i2", "int32": "<i4", "int64": "<i8", "uint8": "|u1", "bool": "|b1",
@@ -546,12 +546,7 @@ class MountedCheckpointTest(unittest.TestCase):
                     s = m.stats()
                     self.assertEqual((s["preloaded_files"], s["preloaded_bytes"]), (done, want_bytes), rel)
 
-                # The -d log so far, through a file description of its own (the daemon's shares
-                # its offset with ours: seeking it would move where the daemon writes).
-                def log_now():
-                    with open(f"/proc/{m.proc.pid}/fd/2") as f:
-                        return f.read()
-                log_before = len(log_now())
+                log_before = len(m.stderr_text_now())
                 resident = {}  # rel -> (pages cached, pages) just before its read
                 for rel, want in files:
                     resident[rel] = resident_pages(m.file(rel))
@@ -559,9 +554,9 @@ class MountedCheckpointTest(unittest.TestCase):
                         mm = np.memmap(f, dtype="u1", mode="r")
                         self.assertTrue(mm.tobytes() == want, f"{rel}: bytes differ from torch.load")
                         del mm
-                log = log_now()[log_before:]
+                log = m.stderr_text_now()[log_before:]
                 s = m.stats()  # for the message below: invalidations, preloads, retries
-                reclaim_after = reclaim_counters()
+                reclaimed = reclaim_ran_since(reclaim_before)
             stored_whole = {inos[rel] for rel, want in eligible if len(want) <= cap}
             self.assertEqual(len(stored_whole), 6)
             # A page dropped by someone else before its read is read again, rightly. These VMs
@@ -569,8 +564,6 @@ class MountedCheckpointTest(unittest.TestCase):
             # with no such reclaimer running, a stored page that went missing is a failure.
             names = {ino: rel for rel, ino in inos.items()}
             dropped = {i for i in stored_whole if resident[names[i]][0] != resident[names[i]][1]}
-            reclaimed = (reclaim_after["damon_pageout"]
-                         or reclaim_after["pgsteal"] != reclaim_before["pgsteal"])
             self.assertFalse(dropped and not reclaimed,
                              "stored pages left the page cache before their read, with no reclaim "
                              f"running: { {names[i]: resident[names[i]] for i in dropped} }; stats {s}")
@@ -594,6 +587,70 @@ class MountedCheckpointTest(unittest.TestCase):
                 self.assertEqual(m.stats()["preloaded_files"], 0)
                 with open(m.file("a"), "rb") as f:
                     self.assertTrue(f.read() == dict(files)["a"])
+
+    def test_a_listed_stream_preloads_the_next_files(self):
+        """A reader that listed the directory opens files with no LOOKUP, so nothing asks for
+        their preloads; the READ at the start of a file it reaches cold then has the daemon
+        store the next two tensor files (the listing made them known to the kernel): they are
+        found whole in the page cache and read with no request, exactly torch's bytes. Without
+        a listing the kernel does not know those files: nothing is read for them."""
+        with tempfile.TemporaryDirectory(prefix="ckptfs-ahead-") as d:
+            path = os.path.join(d, "ahead.pt")
+            g = torch.Generator().manual_seed(7)
+            sd = {"filler": torch.randn(12 * 1024 * 1024, generator=g)}  # 48 MiB
+            sd.update({f"s{i}": torch.randn(256 * 1024, generator=g) for i in range(6)})  # 1 MiB
+            torch.save(sd, path)
+            loaded = torch.load(path)
+            want = {k: torch_bytes(v) for k, v in loaded.items()}
+
+            def fill_the_share(m):
+                with open(m.file("filler"), "rb") as f:
+                    self.assertTrue(f.read() == want["filler"])
+                s = m.stats()
+                self.assertEqual(s["preloaded_files"], 0, s)
+                return s
+
+            def wait_ahead(m, count):
+                deadline = time.monotonic() + 20
+                while m.stats()["preloaded_ahead_files"] < count and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                return m.stats()
+
+            reclaim_before = reclaim_counters()
+            with Mount(path, "-d", "--limit-mb", "64") as m:
+                names = os.listdir(m.path)
+                self.assertIn("s5", names)
+                fill_the_share(m)
+                with open(m.file("s0"), "rb") as f:
+                    self.assertTrue(f.read() == want["s0"])
+                s = wait_ahead(m, 2)
+                self.assertEqual(s["preloaded_ahead_files"], 2, s)
+                resident = {k: resident_pages(m.file(k)) for k in ("s1", "s2")}
+                log_before = len(m.stderr_text_now())
+                for k in ("s1", "s2"):
+                    with open(m.file(k), "rb") as f:
+                        mm = np.memmap(f, dtype="u1", mode="r")
+                        self.assertTrue(mm.tobytes() == want[k], f"{k}: bytes differ from torch.load")
+                        del mm
+                log = m.stderr_text_now()[log_before:]
+                reclaimed = reclaim_ran_since(reclaim_before)
+            # As in test_lookup_preloads_exact_bytes: a page someone else reclaimed is read again.
+            dropped = {k for k, (cached, pages) in resident.items() if cached != pages}
+            self.assertFalse(dropped and not reclaimed, f"preloaded files not in the page cache: {resident}")
+            self.assertLess(len(dropped), 2, f"both preloaded files were reclaimed before their read: {resident}")
+            if not dropped:
+                self.assertNotIn("opcode: READ ", log, "a file stored whole ahead was read again")
+            self.assertNotIn("opcode: LOOKUP ", log, "the listing did not make the files known")
+
+            # No listing: s1 and s2 are unknown to the kernel when s0 is read, and stay unread.
+            with Mount(path, "--limit-mb", "64") as m:
+                fill_the_share(m)
+                with open(m.file("s0"), "rb") as f:
+                    self.assertTrue(f.read() == want["s0"])
+                time.sleep(0.5)
+                s = m.stats()
+                self.assertEqual(s["preloaded_ahead_files"], 0, s)
+                self.assertEqual(s["preloaded_files"], 1, s)  # s0's own, from its LOOKUP
 
     def test_stats_file(self):
         with Mount(self.paths["many"], "--limit-mb", "8") as m:
