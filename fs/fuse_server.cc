@@ -116,6 +116,15 @@ struct stat make_stat(const MountState& s, NodeIndex i) {
 // measured; target 3's open/read/close of 262,144 files of 4 KiB stays as it was).
 constexpr std::uint64_t kPreloadMinBytes = std::uint64_t{256} << 10;
 
+// Preloads start only once the kernel's share has filled (the ledger keeps it within 1/16 below
+// the share from then on), when each page stored takes the place of one invalidated. Before
+// that, every store fills fresh memory, slow to touch on these VMs, from the one notifier
+// thread, where READ replies fill it from many: a first pass over 2 GiB with a 2 GiB share took
+// 3.6-4.8 s with preloads from the start and 3.4-4.2 s without (medians of 6 runs of 4-8 rounds).
+bool kernel_share_filled(const MountState& s) {
+  return s.ledger.served_bytes() >= s.ledger.budget() - s.ledger.budget() / 8;
+}
+
 // A LOOKUP of a tensor file is, most of the time, a reader about to open it; and on a fresh
 // mount the kernel cannot read ahead across files, so each file's first page fault waits for a
 // READ round trip, and the faults after it for the kernel's readahead. Storing the file's first
@@ -131,12 +140,7 @@ void maybe_preload(MountState& s, fuse_ino_t ino, const Node& n, std::uint64_t s
   if (n.kind != NodeKind::TensorData && n.kind != NodeKind::NpyView) return;
   if (!s.catalog.tensors()[n.tensor()].error().empty()) return;
   if (size < kPreloadMinBytes) return;
-  // Only once the kernel's share has filled (the ledger keeps it within 1/16 below the share
-  // from then on), when each page stored takes the place of one invalidated. Before that, every
-  // store fills fresh memory, slow to touch on these VMs, from the one notifier thread, where
-  // READ replies fill it from many: a first pass over 2 GiB with a 2 GiB share took 3.6-4.8 s
-  // with preloads from the start and 3.4-4.2 s without (medians of 6 runs of 4-8 rounds).
-  if (s.ledger.served_bytes() < s.ledger.budget() - s.ledger.budget() / 8) return;
+  if (!kernel_share_filled(s)) return;
   s.notifier->preload(ino, std::min(size, s.preload_bytes), why);
 }
 
@@ -156,6 +160,10 @@ constexpr std::uint32_t kPreloadAheadFiles = 2;
 void preload_ahead(MountState& s, const Node& n) noexcept {
   if (s.notifier == nullptr || s.preload_bytes == 0) return;
   const auto& tensors = s.catalog.tensors();
+  // The cheap tests first: this runs on every READ at offset 0, which for small files (a walk
+  // over 262,144 files of 4 KiB) is every READ. A stream of small files is not preloaded.
+  if (tensors[n.tensor()].nbytes() < kPreloadMinBytes) return;
+  if (!kernel_share_filled(s)) return;
   try {
     for (std::uint32_t k = 1; k <= kPreloadAheadFiles; ++k) {
       const std::uint64_t t = std::uint64_t{n.tensor()} + k;
