@@ -149,8 +149,9 @@ class Mount:
         return os.path.join(self.path, rel)
 
     def stderr_text_now(self):
-        """The daemon's stderr so far (the -d log), through a file description of its own: the
-        daemon's shares its offset with ours, so seeking it would move where the daemon writes."""
+        """The daemon's stderr so far (the -d log), read through a file description of its own:
+        the daemon writes through ours, whose offset it shares, so seeking ours would move
+        where the daemon writes."""
         with open(f"/proc/{self.proc.pid}/fd/2") as f:
             return f.read()
 

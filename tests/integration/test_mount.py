@@ -593,7 +593,7 @@ class MountedCheckpointTest(unittest.TestCase):
         their preloads; the READ at the start of a file it reaches cold then has the daemon
         store the next two tensor files (the listing made them known to the kernel): they are
         found whole in the page cache and read with no request, exactly torch's bytes. Without
-        a listing the kernel does not know those files: nothing is read for them."""
+        a listing the kernel does not know those files: nothing is stored ahead."""
         with tempfile.TemporaryDirectory(prefix="ckptfs-ahead-") as d:
             path = os.path.join(d, "ahead.pt")
             g = torch.Generator().manual_seed(7)
@@ -626,6 +626,7 @@ class MountedCheckpointTest(unittest.TestCase):
                 s = wait_ahead(m, 2)
                 self.assertEqual(s["preloaded_ahead_files"], 2, s)
                 resident = {k: resident_pages(m.file(k)) for k in ("s1", "s2")}
+                inos = {k: os.stat(m.file(k)).st_ino for k in ("s1", "s2")}  # listed: no LOOKUP
                 log_before = len(m.stderr_text_now())
                 for k in ("s1", "s2"):
                     with open(m.file(k), "rb") as f:
@@ -638,11 +639,13 @@ class MountedCheckpointTest(unittest.TestCase):
             dropped = {k for k, (cached, pages) in resident.items() if cached != pages}
             self.assertFalse(dropped and not reclaimed, f"preloaded files not in the page cache: {resident}")
             self.assertLess(len(dropped), 2, f"both preloaded files were reclaimed before their read: {resident}")
-            if not dropped:
-                self.assertNotIn("opcode: READ ", log, "a file stored whole ahead was read again")
+            read_from = {int(line.split("nodeid: ")[1].split(",")[0])
+                         for line in log.splitlines() if "opcode: READ " in line}
+            again = sorted(k for k in inos if k not in dropped and inos[k] in read_from)
+            self.assertFalse(again, f"files stored whole ahead were read again: {again}")
             self.assertNotIn("opcode: LOOKUP ", log, "the listing did not make the files known")
 
-            # No listing: s1 and s2 are unknown to the kernel when s0 is read, and stay unread.
+            # No listing: s1 and s2 are unknown to the kernel when s0 is read.
             with Mount(path, "--limit-mb", "64") as m:
                 fill_the_share(m)
                 with open(m.file("s0"), "rb") as f:
@@ -650,7 +653,7 @@ class MountedCheckpointTest(unittest.TestCase):
                 time.sleep(0.5)
                 s = m.stats()
                 self.assertEqual(s["preloaded_ahead_files"], 0, s)
-                self.assertEqual(s["preloaded_files"], 1, s)  # s0's own, from its LOOKUP
+                self.assertLessEqual(s["preloaded_files"], 1, s)  # s0's own, from its LOOKUP
 
     def test_stats_file(self):
         with Mount(self.paths["many"], "--limit-mb", "8") as m:
