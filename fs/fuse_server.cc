@@ -148,8 +148,9 @@ void maybe_preload(MountState& s, fuse_ino_t ino, const Node& n, std::uint64_t s
 // LOOKUP, so nothing preloads its files: its cold stream ran 7-12 % slower than one that only
 // opened them (1.70-1.76 s against 1.57-1.59 s, 512 x 4 MiB, --limit-mb 512). What it does
 // send is the READ at the start of each file it reaches cold; that READ preloads the next
-// files of the same kind in the pickle's order, which the listing made known to the kernel
-// (for files it does not know, the notifier asks first and reads nothing). The files stored
+// files of the same kind in the catalog's order (the pickle's for torch files, the header's
+// for safetensors), which the listing made known to the kernel (for files it does not know,
+// the notifier asks first and reads nothing). The files stored
 // whole are then read with no request at all, so the next READ, and the next preloads, come
 // at the first file past them: with two ahead, two files of three are found in the cache
 // (the listing loop's medians 1.69 -> 1.63 s and 1.77 -> 1.62 s in 6 and 8 alternating rounds;
