@@ -150,11 +150,11 @@ void maybe_preload(MountState& s, fuse_ino_t ino, const Node& n, std::uint64_t s
 // send is the READ at the start of each file it reaches cold; that READ preloads the next
 // files of the same kind in the catalog's order (the pickle's for torch files, the header's
 // for safetensors), which the listing made known to the kernel (for files it does not know,
-// the notifier asks first and reads nothing). The files stored
-// whole are then read with no request at all, so the next READ, and the next preloads, come
-// at the first file past them: with two ahead, two files of three are found in the cache
-// (the listing loop's medians 1.69 -> 1.63 s and 1.77 -> 1.62 s in 6 and 8 alternating rounds;
-// without a listing 1.58 -> 1.60 s; four ahead stored more and ran no faster).
+// the notifier asks first and reads nothing). The files stored whole are then read with no
+// request at all, so the next READ, and the next preloads, come at the first file past them:
+// with two ahead, two files of three are found in the cache (the listing loop's medians
+// 1.69 -> 1.63 s and 1.77 -> 1.62 s in 6 and 8 alternating rounds; without a listing
+// 1.58 -> 1.60 s; four ahead stored more and ran no faster).
 constexpr std::uint32_t kPreloadAheadFiles = 2;
 
 // Called after the READ's reply: it never fails the request, which has been answered.
