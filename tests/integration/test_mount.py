@@ -25,6 +25,11 @@ NUMPY_OF = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<
             "complex64": "<c8", "complex128": "<c16"}
 
 
+def nodeids_read(log):
+    """The inodes that the READ requests of a -d log asked for."""
+    return {int(line.split("nodeid: ")[1].split(",")[0]) for line in log.splitlines() if "opcode: READ " in line}
+
+
 class MountedCheckpointTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -491,6 +496,21 @@ class MountedCheckpointTest(unittest.TestCase):
                 with open(m.file("float32"), "rb") as f:
                     self.assertTrue(f.read() == want)
 
+    def assert_dropped_only_by_reclaim(self, resident, reclaimed, stats=None):
+        """|resident|: file -> (pages cached, pages) just before the file's read, for files the
+        daemon stored whole. A page dropped by someone else before its read is read again,
+        rightly: these VMs run DAMON, which drops page-cache pages touched at most once within
+        seconds. With no such reclaimer running (|reclaimed|: reclaim_ran_since()), a stored
+        page that went missing is a failure, and so is every file lost. Returns the files that
+        lost pages."""
+        dropped = {k for k, (cached, pages) in resident.items() if cached != pages}
+        lost = {k: resident[k] for k in dropped}
+        self.assertFalse(dropped and not reclaimed, "stored pages left the page cache before their "
+                         f"read, with no reclaim running: {lost}; stats {stats}")
+        self.assertLess(len(dropped), len(resident),
+                        f"every stored file was reclaimed before its read: nothing left to check ({lost})")
+        return dropped
+
     def test_lookup_preloads_exact_bytes(self):
         """Once the kernel's share of the budget has filled, a LOOKUP of a tensor file of
         256 KiB or more has the daemon store its first MiBs in the page cache: the reader then
@@ -559,20 +579,10 @@ class MountedCheckpointTest(unittest.TestCase):
                 reclaimed = reclaim_ran_since(reclaim_before)
             stored_whole = {inos[rel] for rel, want in eligible if len(want) <= cap}
             self.assertEqual(len(stored_whole), 6)
-            # A page dropped by someone else before its read is read again, rightly. These VMs
-            # run DAMON, which drops page-cache pages touched at most once within seconds;
-            # with no such reclaimer running, a stored page that went missing is a failure.
             names = {ino: rel for rel, ino in inos.items()}
-            dropped = {i for i in stored_whole if resident[names[i]][0] != resident[names[i]][1]}
-            self.assertFalse(dropped and not reclaimed,
-                             "stored pages left the page cache before their read, with no reclaim "
-                             f"running: { {names[i]: resident[names[i]] for i in dropped} }; stats {s}")
-            self.assertLess(len(dropped), len(stored_whole), "every stored file was reclaimed before "
-                            f"its read: nothing left to check ({ {names[i]: resident[names[i]] for i in dropped} })")
-            read_from = set()
-            for line in log.splitlines():
-                if "opcode: READ " in line:
-                    read_from.add(int(line.split("nodeid: ")[1].split(",")[0]))
+            dropped = {inos[rel] for rel in self.assert_dropped_only_by_reclaim(
+                {names[i]: resident[names[i]] for i in stored_whole}, reclaimed, s)}
+            read_from = nodeids_read(log)
             self.assertFalse(read_from & (stored_whole - dropped), "files stored whole were read again: "
                              f"{sorted(names[i] for i in read_from & (stored_whole - dropped))}; "
                              f"stats {s}")
@@ -635,12 +645,8 @@ class MountedCheckpointTest(unittest.TestCase):
                         del mm
                 log = m.stderr_text_now()[log_before:]
                 reclaimed = reclaim_ran_since(reclaim_before)
-            # As in test_lookup_preloads_exact_bytes: a page someone else reclaimed is read again.
-            dropped = {k for k, (cached, pages) in resident.items() if cached != pages}
-            self.assertFalse(dropped and not reclaimed, f"preloaded files not in the page cache: {resident}")
-            self.assertLess(len(dropped), 2, f"both preloaded files were reclaimed before their read: {resident}")
-            read_from = {int(line.split("nodeid: ")[1].split(",")[0])
-                         for line in log.splitlines() if "opcode: READ " in line}
+            dropped = self.assert_dropped_only_by_reclaim(resident, reclaimed)
+            read_from = nodeids_read(log)
             again = sorted(k for k in inos if k not in dropped and inos[k] in read_from)
             self.assertFalse(again, f"files stored whole ahead were read again: {again}")
             self.assertNotIn("opcode: LOOKUP ", log, "the listing did not make the files known")
