@@ -38,9 +38,9 @@ options:
   --no-xattrs       no user.ckptfs.* attributes: the kernel then stops asking, and tools
                     that copy attributes (cp -a, rsync -X) skip a round trip per file
   --no-preload      do not store the first MiBs of a tensor file (256 KiB or more) in the
-                    page cache when it is looked up, nor of the next two when a listed one
-                    is first read: a walk that stats many tensor files and reads none then
-                    reads nothing (streaming many files is slower)
+                    page cache when it is looked up, nor the next listed files when a
+                    listed one is first read: a walk that stats many tensor files and reads
+                    none then reads nothing (streaming many files is slower)
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)
   -d, --debug       log every FUSE request to stderr (implies -f)
   -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other);

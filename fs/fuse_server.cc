@@ -111,9 +111,11 @@ struct stat make_stat(const MountState& s, NodeIndex i) {
   return st;
 }
 
-// Files smaller than this are never preloaded: the kernel reads them whole in the one READ that
-// follows the LOOKUP at once, which a preload would have to overtake to save anything (not
-// measured; target 3's open/read/close of 262,144 files of 4 KiB stays as it was).
+// Files smaller than this are not preloaded at their LOOKUP: the kernel reads them whole in the
+// one READ that follows the LOOKUP at once, which a preload would have to overtake to save
+// anything (storing a 4 KiB file right after its LOOKUP's reply won the race for 97 % of files
+// and still cost more than the READ it saved: design.md). Ahead of a listing reader, where the
+// store has a whole file's time, any size is (preload_ahead).
 constexpr std::uint64_t kPreloadMinBytes = std::uint64_t{256} << 10;
 
 // Preloads start only once the kernel's share has filled (the ledger keeps it within 1/16 below
@@ -144,39 +146,54 @@ void maybe_preload(MountState& s, fuse_ino_t ino, const Node& n, std::uint64_t s
   s.notifier->preload(ino, std::min(size, s.preload_bytes), why);
 }
 
-// A reader that listed the directory first (os.listdir, glob, ls) opens every file with no
-// LOOKUP, so nothing preloads its files: its cold stream ran 7-12 % slower than one that only
-// opened them (1.70-1.76 s against 1.57-1.59 s, 512 x 4 MiB, --limit-mb 512). What it does
+// A reader that listed the directory first (os.listdir, glob, ls, cp -r) opens every file with
+// no LOOKUP, so nothing preloads its files: its cold stream ran 7-12 % slower than one that
+// only opened them (1.70-1.76 s against 1.57-1.59 s, 512 x 4 MiB, --limit-mb 512). What it does
 // send is the READ at the start of each file it reaches cold; that READ preloads the next
 // files of the same kind in the catalog's order (the pickle's for torch files, the header's
-// for safetensors), which the listing made known to the kernel (for files it does not know,
-// the notifier asks first and reads nothing). The files stored whole are then read with no
-// request at all, so the next READ, and the next preloads, come at the first file past them:
-// with two ahead, two files of three are found in the cache (the listing loop's medians
-// 1.69 -> 1.63 s and 1.77 -> 1.62 s in 6 and 8 alternating rounds; without a listing
-// 1.58 -> 1.60 s; four ahead stored more and ran no faster).
-constexpr std::uint32_t kPreloadAheadFiles = 2;
+// for safetensors), as long as the kernel holds them (KnownInodes: the listing handed them
+// out; a reader that did not list gets nothing stored ahead). The files stored whole are then
+// read with no request at all, so the next READ, and the next preloads, come at the first
+// file past them: at least kMinAheadFiles, and more while they add up to less than one
+// LOOKUP preload (preload_bytes: 8 MiB at most), up to KernelNotifier::kMaxAheadFiles. For a
+// small file the READ it saves is most of its cost: listing, then reading every file with
+// read() into one buffer, 32,768 files of 16 KiB took 2.05 -> 1.37 s and 8,192 of 64 KiB
+// 0.81 -> 0.71 s against two files ahead (medians of 4 alternating rounds, --limit-mb 128).
+// With two ahead of 4 MiB files, the memmap loop's medians went 1.69 -> 1.63 s and
+// 1.77 -> 1.62 s (6 and 8 rounds); four ahead stored more and ran no faster.
+constexpr std::uint32_t kMinAheadFiles = 2;
 
 // Called after the READ's reply: it never fails the request, which has been answered.
-void preload_ahead(MountState& s, const Node& n) noexcept {
+void preload_ahead(MountState& s, NodeIndex reading, const Node& n) noexcept {
   if (s.notifier == nullptr || s.preload_bytes == 0) return;
   const auto& tensors = s.catalog.tensors();
-  // The cheap tests first: this runs on every READ at offset 0, which for small files (a walk
-  // over 262,144 files of 4 KiB) is every READ. A stream of small files is not preloaded.
-  if (tensors[n.tensor()].nbytes() < kPreloadMinBytes) return;
+  // The cheap test first: this runs on every READ at offset 0, which for small files is every
+  // READ, and most readers hold no file past the one they opened.
+  const auto next_node = [&](std::uint64_t t) {
+    const auto ti = static_cast<std::uint32_t>(t);
+    return n.kind == NodeKind::NpyView ? s.catalog.npy_node(ti) : tensors[ti].data_node;
+  };
+  const std::uint64_t first = std::uint64_t{n.tensor()} + 1;
+  if (first >= tensors.size()) return;
+  if (const NodeIndex f = next_node(first); f == kNoNode || !s.known.contains(f + 1u)) return;
   if (!kernel_share_filled(s)) return;
   try {
-    for (std::uint32_t k = 1; k <= kPreloadAheadFiles; ++k) {
-      const std::uint64_t t = std::uint64_t{n.tensor()} + k;
-      if (t >= tensors.size()) return;
-      const auto ti = static_cast<std::uint32_t>(t);
-      const NodeIndex next =
-          n.kind == NodeKind::NpyView ? s.catalog.npy_node(ti) : tensors[ti].data_node;
+    std::array<KernelNotifier::AheadFile, KernelNotifier::kMaxAheadFiles> files{};
+    std::size_t count = 0;
+    std::uint64_t bytes = 0;
+    for (std::uint64_t t = first; t < tensors.size() && count < files.size() &&
+                                  (count < kMinAheadFiles || bytes < s.preload_bytes);
+         ++t) {
+      const NodeIndex next = next_node(t);
       if (next == kNoNode) continue;
-      maybe_preload(s, next + 1, s.catalog.node(next),
-                    static_cast<std::uint64_t>(make_stat(s, next).st_size),
-                    KernelNotifier::PreloadFor::kAhead);
+      if (!s.known.contains(next + 1u)) break;  // the end of what the reader listed
+      if (!tensors[t].error().empty()) continue;
+      const auto size = static_cast<std::uint64_t>(make_stat(s, next).st_size);
+      if (size == 0) continue;
+      files[count++] = {next + 1u, std::min(size, s.preload_bytes)};
+      bytes += size;
     }
+    s.notifier->preload_ahead(reading + 1u, std::span(files.data(), count));
   } catch (const std::exception&) {
     // Nothing preloaded: that file's own READs will meet the same problem and report it.
   }
@@ -202,6 +219,7 @@ void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
     e.ino = child + 1;
     e.attr = make_stat(s, child);
     e.attr_timeout = attr_timeout_of(s.catalog.node(child));
+    s.known.add(e.ino);
     // After the reply: the kernel refuses stores for an inode it does not know yet.
     if (fuse_reply_entry(req, &e) == 0)
       maybe_preload(s, e.ino, s.catalog.node(child), static_cast<std::uint64_t>(e.attr.st_size));
@@ -283,6 +301,7 @@ void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plu
       need = fuse_add_direntry(req, buf.data() + used, size - used, name.c_str(), &st, pos + 1);
     }
     if (need > size - used) break;
+    if (plus && pos >= 2) s.known.add(target + 1u);
     used += need;
   }
   fuse_reply_buf(req, buf.data(), used);
@@ -294,6 +313,18 @@ void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_fil
 
 void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
   do_readdir(req, ino, size, off, true);
+}
+
+// The kernel drops an inode whole: whatever |nlookup| says, it no longer holds |ino|.
+void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t /*nlookup*/) {
+  state_of(req).known.forget(ino);
+  fuse_reply_none(req);
+}
+
+void op_forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) {
+  MountState& s = state_of(req);
+  for (const fuse_forget_data& f : std::span(forgets, count)) s.known.forget(f.ino);
+  fuse_reply_none(req);
 }
 
 void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
@@ -453,12 +484,12 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_i
     switch (n.kind) {
       case NodeKind::TensorData:
         reply_tensor(s, req, ino, s.catalog.tensors()[n.tensor()], "", size, off);
-        if (off == 0) preload_ahead(s, n);
+        if (off == 0) preload_ahead(s, i, n);
         return;
       case NodeKind::NpyView: {
         const TensorInfo& t = s.catalog.tensors()[n.tensor()];
         reply_tensor(s, req, ino, t, TensorCatalog::npy_header(t), size, off);
-        if (off == 0) preload_ahead(s, n);
+        if (off == 0) preload_ahead(s, i, n);
         return;
       }
       case NodeKind::TensorSidecar:
@@ -620,6 +651,8 @@ fuse_lowlevel_ops make_ops() {
   fuse_lowlevel_ops ops{};
   ops.init = op_init;
   ops.lookup = op_lookup;
+  ops.forget = op_forget;
+  ops.forget_multi = op_forget_multi;
   ops.getattr = op_getattr;
   ops.opendir = op_opendir;
   ops.readdir = op_readdir;
@@ -689,6 +722,7 @@ std::string render_stats(const MountState& state) {
       {"preloaded_bytes", number(n != nullptr ? n->preloaded_bytes() : 0)},
       {"preload_retries", number(n != nullptr ? n->store_retries() : 0)},
       {"preloaded_ahead_files", number(n != nullptr ? n->preloaded_ahead() : 0)},
+      {"preloads_refused", number(n != nullptr ? n->preloads_refused() : 0)},
       {"bytes_read_from_checkpoint", number(c.bytes_read)},
       {"checkpoint_cache_mode", text(state.source.cache_mode())},
       {"prefetched", number(c.prefetched)},

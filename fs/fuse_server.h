@@ -18,6 +18,7 @@
 #include "catalog.h"
 #include "kernel_notifier.h"
 #include "kernel_page_ledger.h"
+#include "known_inodes.h"
 #include "safetensors_view.h"
 #include "tensor_reader.h"
 
@@ -49,6 +50,8 @@ struct MountState {
   std::atomic<bool> skip_opens{false};
   // The stats file's mtime: a new value on every getattr, so that the kernel drops its page.
   mutable std::atomic<std::int64_t> stats_mtime_ns{0};
+  // The inodes the kernel holds: the files a preload ahead of a reader can store into.
+  KnownInodes known;
 
   MountState(const TensorCatalog& c, const ByteSource& src, BlockCache& b, KernelPageLedger& l)
       : catalog(c),
@@ -57,7 +60,8 @@ struct MountState {
         ledger(l),
         reader(c, b),
         opens_needed(std::ranges::any_of(c.tensors(),
-                                         [](const TensorInfo& t) { return !t.error().empty(); })) {}
+                                         [](const TensorInfo& t) { return !t.error().empty(); })),
+        known(c.node_count()) {}
 
   // /.ckptfs/model.safetensors, laid out on first use (its header is large for big
   // checkpoints, and most mounts never look at it). Throws FormatError if it cannot exist.

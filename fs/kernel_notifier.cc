@@ -45,26 +45,44 @@ void KernelNotifier::wake() {
   cv_.notify_one();
 }
 
+bool KernelNotifier::enqueue(const Preload& p) {
+  for (Preload& q : preloads_) {
+    if (q.inode != p.inode) continue;
+    if (p.why == PreloadFor::kLookedUp) q.why = p.why;
+    return false;
+  }
+  // Ahead of a reader, a file stored just now (or being stored) is not stored again: the READ
+  // that asks again is one whose own file lost the race to its store.
+  if (p.why == PreloadFor::kAhead &&
+      std::find(recent_.begin(), recent_.end(), p.inode) != recent_.end())
+    return false;
+  if (preloads_.size() >= kMaxQueuedPreloads) preloads_.pop_front();
+  preloads_.push_back(p);
+  return true;
+}
+
 void KernelNotifier::preload(std::uint64_t inode, std::uint64_t length, PreloadFor why) {
   if (!read_file_ || length == 0) return;
+  bool queued = false;
   {
     std::lock_guard lock(mu_);
-    // Asked again while waiting: once. A LOOKUP's request keeps its retries, which a probe of
-    // an inode the kernel is still making would miss.
-    for (Preload& p : preloads_) {
-      if (p.inode != inode) continue;
-      if (why == PreloadFor::kLookedUp) p.why = why;
-      return;
-    }
-    // Ahead of a reader, a file stored just now (or being stored) is not stored again: the READ
-    // that asks again is one whose own file lost the race to its store.
-    if (why == PreloadFor::kAhead &&
-        std::find(recent_.begin(), recent_.end(), inode) != recent_.end())
-      return;
-    if (preloads_.size() >= kMaxQueuedPreloads) preloads_.pop_front();
-    preloads_.push_back(Preload{inode, length, why});
+    queued = enqueue(Preload{inode, length, why});
   }
-  cv_.notify_one();
+  if (queued) cv_.notify_one();
+}
+
+void KernelNotifier::preload_ahead(std::uint64_t reading, std::span<const AheadFile> files) {
+  if (!read_file_) return;
+  bool queued = false;
+  {
+    std::lock_guard lock(mu_);
+    std::erase_if(preloads_, [reading](const Preload& p) {
+      return p.inode == reading && p.why == PreloadFor::kAhead;
+    });
+    for (const AheadFile& f : files)
+      if (f.length != 0) queued |= enqueue(Preload{f.inode, f.length, PreloadFor::kAhead});
+  }
+  if (queued) cv_.notify_one();
 }
 
 void KernelNotifier::invalidate_excess() {
@@ -107,8 +125,6 @@ void KernelNotifier::store_file(const Preload& p) {
   // (Storing from pinned blocks when they were loaded saved no time: 2026-12-03, 73 % of the
   // steps pinned, daemon CPU per 2 GiB stream 0.92 s against 0.94 s, the loop no faster.)
   if (buffer_.empty()) buffer_.resize(kStoreBytes);
-  // No bytes stored: the kernel answers -ENOENT for an inode it does not know, 0 otherwise.
-  if (p.why == PreloadFor::kAhead && store(p.inode, 0, 0, /*new_inode=*/false) != 0) return;
   bool stored = false;
   for (std::uint64_t offset = 0; offset < p.length; offset += kStoreBytes) {
     if (stopping()) return;
@@ -122,7 +138,10 @@ void KernelNotifier::store_file(const Preload& p) {
     }
     if (got == 0) break;
     const bool new_inode = offset == 0 && p.why == PreloadFor::kLookedUp;
-    if (store(p.inode, offset, got, new_inode) != 0) break;
+    if (const int rc = store(p.inode, offset, got, new_inode); rc != 0) {
+      if (rc == -ENOENT && offset == 0) ++refused_;
+      break;
+    }
     stored = true;
     preloaded_bytes_ += got;
     // Recorded like a reply, and the budget restored before the next store: a long preload

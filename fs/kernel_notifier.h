@@ -42,8 +42,11 @@ class KernelNotifier {
                                                std::span<std::byte> out)>;
 
   // How many preloads wait at most: a newer one pushes out the oldest, whose reader has most
-  // likely got ahead of it by then (the kernel reads what it needs itself).
-  static constexpr std::size_t kMaxQueuedPreloads = 4;
+  // likely got ahead of it by then (the kernel reads what it needs itself). Room for one
+  // reader's files ahead and a few LOOKUPs'.
+  static constexpr std::size_t kMaxQueuedPreloads = 80;
+  // The most files stored ahead of one READ (fuse_server.cc's preload_ahead says how many).
+  static constexpr std::size_t kMaxAheadFiles = 64;
   // One store: the size of the kernel's largest READ here, and of the reused buffer.
   static constexpr std::size_t kStoreBytes = std::size_t{1} << 20;
 
@@ -66,12 +69,19 @@ class KernelNotifier {
   void wake();
   // Whom a preload is for: the file a LOOKUP has just answered (the kernel makes its inode
   // once the looking-up task wakes, so a first store may come too early and is retried), or a
-  // file ahead of a reader, which the kernel knows only if something listed or looked it up:
-  // a store of no bytes asks first, so an unknown file costs no read of its bytes.
+  // file ahead of a reader, which the kernel already holds (KnownInodes): not retried.
   enum class PreloadFor { kLookedUp, kAhead };
   // Non-blocking: asks the thread to store the first |length| bytes of |inode| in the kernel's
   // page cache (in kStoreBytes steps, each recorded and kept within the budget like a reply).
   void preload(std::uint64_t inode, std::uint64_t length, PreloadFor why = PreloadFor::kLookedUp);
+  struct AheadFile {
+    std::uint64_t inode;
+    std::uint64_t length;
+  };
+  // Non-blocking: preload(kAhead) of each of |files| in turn, under one lock, but none that
+  // waits already or was taken among the last kMaxAheadFiles; and a waiting preload of
+  // |reading|, the file the reader has reached on its own, is dropped.
+  void preload_ahead(std::uint64_t reading, std::span<const AheadFile> files);
 
   std::uint64_t invalidations() const { return invalidations_.load(); }
   std::uint64_t invalidated_bytes() const { return invalidated_bytes_.load(); }
@@ -79,6 +89,8 @@ class KernelNotifier {
   std::uint64_t preloaded_bytes() const { return preloaded_bytes_.load(); }
   std::uint64_t store_retries() const { return store_retries_.load(); }
   std::uint64_t preloaded_ahead() const { return preloaded_ahead_.load(); }
+  // Preloads whose first store the kernel refused, not holding the inode (any more).
+  std::uint64_t preloads_refused() const { return refused_.load(); }
 
  private:
   struct Preload {
@@ -88,6 +100,8 @@ class KernelNotifier {
   };
 
   void run();
+  // With mu_ held: queues |p| unless it waits already (a LOOKUP's request keeps its retries).
+  bool enqueue(const Preload& p);
   // Whether quiesce() or stop() was called.
   bool stopping();
   void invalidate_excess();
@@ -105,7 +119,9 @@ class KernelNotifier {
   bool stopping_ = false;
   bool busy_ = false;  // notifying, without mu_ held
   std::deque<Preload> preloads_;
-  std::array<std::uint64_t, 8> recent_{};  // the inodes of the last preloads taken (0: none)
+  // The inodes of the last preloads taken (0: none): a reader that got ahead of the thread
+  // asks again for files it has stored, or is storing.
+  std::array<std::uint64_t, kMaxAheadFiles> recent_{};
   std::size_t recent_next_ = 0;
   std::vector<std::byte> buffer_;  // one store's bytes, allocated at the first preload
   std::thread thread_;
@@ -115,6 +131,7 @@ class KernelNotifier {
   std::atomic<std::uint64_t> preloaded_bytes_{0};
   std::atomic<std::uint64_t> store_retries_{0};
   std::atomic<std::uint64_t> preloaded_ahead_{0};  // files, of preloaded_files_
+  std::atomic<std::uint64_t> refused_{0};
 };
 
 }  // namespace ckptfs

@@ -601,14 +601,18 @@ class MountedCheckpointTest(unittest.TestCase):
     def test_a_listed_stream_preloads_the_next_files(self):
         """A reader that listed the directory opens files with no LOOKUP, so nothing asks for
         their preloads; the READ at the start of a file it reaches cold then has the daemon
-        store the next two tensor files (the listing made them known to the kernel): they are
-        found whole in the page cache and read with no request, exactly torch's bytes. Without
-        a listing the kernel does not know those files: nothing is stored ahead."""
+        store the next tensor files, small ones too (the listing made them known to the
+        kernel): they are found whole in the page cache and read with no request, exactly
+        torch's bytes. Without a listing, or once the kernel has forgotten the listed files
+        (FORGET), nothing is stored ahead."""
         with tempfile.TemporaryDirectory(prefix="ckptfs-ahead-") as d:
             path = os.path.join(d, "ahead.pt")
             g = torch.Generator().manual_seed(7)
             sd = {"filler": torch.randn(12 * 1024 * 1024, generator=g)}  # 48 MiB
-            sd.update({f"s{i}": torch.randn(256 * 1024, generator=g) for i in range(6)})  # 1 MiB
+            # 64 KiB each: files of any size are stored ahead, five of them well within one
+            # preload's bytes, so all five.
+            ahead = [f"s{i}" for i in range(1, 6)]
+            sd.update({f"s{i}": torch.randn(16 * 1024, generator=g) for i in range(6)})
             torch.save(sd, path)
             loaded = torch.load(path)
             want = {k: torch_bytes(v) for k, v in loaded.items()}
@@ -626,19 +630,22 @@ class MountedCheckpointTest(unittest.TestCase):
                     time.sleep(0.02)
                 return m.stats()
 
+            def read_s0(m):
+                with open(m.file("s0"), "rb") as f:
+                    self.assertTrue(f.read() == want["s0"])
+
             reclaim_before = reclaim_counters()
             with Mount(path, "-d", "--limit-mb", "64") as m:
                 names = os.listdir(m.path)
                 self.assertIn("s5", names)
                 fill_the_share(m)
-                with open(m.file("s0"), "rb") as f:
-                    self.assertTrue(f.read() == want["s0"])
-                s = wait_ahead(m, 2)
-                self.assertEqual(s["preloaded_ahead_files"], 2, s)
-                resident = {k: resident_pages(m.file(k)) for k in ("s1", "s2")}
-                inos = {k: os.stat(m.file(k)).st_ino for k in ("s1", "s2")}  # listed: no LOOKUP
+                read_s0(m)
+                s = wait_ahead(m, len(ahead))
+                self.assertEqual(s["preloaded_ahead_files"], len(ahead), s)
+                resident = {k: resident_pages(m.file(k)) for k in ahead}
+                inos = {k: os.stat(m.file(k)).st_ino for k in ahead}  # listed: no LOOKUP
                 log_before = len(m.stderr_text_now())
-                for k in ("s1", "s2"):
+                for k in ahead:
                     with open(m.file(k), "rb") as f:
                         mm = np.memmap(f, dtype="u1", mode="r")
                         self.assertTrue(mm.tobytes() == want[k], f"{k}: bytes differ from torch.load")
@@ -651,15 +658,29 @@ class MountedCheckpointTest(unittest.TestCase):
             self.assertFalse(again, f"files stored whole ahead were read again: {again}")
             self.assertNotIn("opcode: LOOKUP ", log, "the listing did not make the files known")
 
-            # No listing: s1 and s2 are unknown to the kernel when s0 is read.
+            # No listing: s1 .. s5 are unknown to the kernel when s0 is read.
             with Mount(path, "--limit-mb", "64") as m:
                 fill_the_share(m)
-                with open(m.file("s0"), "rb") as f:
-                    self.assertTrue(f.read() == want["s0"])
+                read_s0(m)
                 time.sleep(0.5)
                 s = m.stats()
                 self.assertEqual(s["preloaded_ahead_files"], 0, s)
-                self.assertLessEqual(s["preloaded_files"], 1, s)  # s0's own, from its LOOKUP
+
+            # Listed, then forgotten: dropping the dentry and inode caches makes the kernel
+            # send a FORGET for every unused inode, the listed files among them.
+            if os.geteuid() != 0:
+                self.fail("root is needed to drop the kernel's inode cache (FORGET)")
+            with Mount(path, "--limit-mb", "64") as m:
+                self.assertIn("s5", os.listdir(m.path))
+                fill_the_share(m)
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("2\n")
+                time.sleep(0.5)  # FORGETs are sent in the background
+                read_s0(m)
+                time.sleep(0.5)
+                s = m.stats()
+                self.assertEqual(s["preloaded_ahead_files"], 0, s)
+                self.assertEqual(s["preloads_refused"], 0, s)  # not even tried
 
     def test_stats_file(self):
         with Mount(self.paths["many"], "--limit-mb", "8") as m:
