@@ -38,8 +38,9 @@ std::vector<KernelPageLedger::Range> KernelPageLedger::take_excess() {
     const std::uint64_t target = budget_ > slack ? budget_ - slack : 0;
     while (served_ > target && !lru_.empty()) {
       const Chunk& c = lru_.front();
-      served_ -= static_cast<std::uint64_t>(std::popcount(c.pages)) * kPage;
-      out.push_back(Range{c.key.inode, c.key.chunk * kChunk, kChunk});
+      const auto pages = static_cast<std::uint64_t>(std::popcount(c.pages)) * kPage;
+      served_ -= pages;
+      out.push_back(Range{c.key.inode, c.key.chunk * kChunk, kChunk, pages});
       index_.erase(c.key);
       lru_.pop_front();
     }
@@ -52,6 +53,7 @@ std::vector<KernelPageLedger::Range> KernelPageLedger::take_excess() {
     if (!merged.empty() && merged.back().inode == r.inode &&
         merged.back().offset + merged.back().length == r.offset) {
       merged.back().length += r.length;
+      merged.back().served += r.served;
     } else {
       merged.push_back(r);
     }

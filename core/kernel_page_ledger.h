@@ -23,7 +23,8 @@ class KernelPageLedger {
   struct Range {
     std::uint64_t inode;
     std::uint64_t offset;
-    std::uint64_t length;
+    std::uint64_t length;  // whole chunks: what to invalidate
+    std::uint64_t served;  // the bytes of the pages on record in it (a 64 KiB file: 64 KiB)
   };
 
   explicit KernelPageLedger(std::uint64_t budget_bytes) : budget_(budget_bytes) {}

@@ -95,7 +95,7 @@ void KernelNotifier::invalidate_excess() {
     // -ENOENT: the kernel has already forgotten the inode, and its pages with it.
     if (rc == 0 || rc == -ENOENT) {
       ++invalidations_;
-      invalidated_bytes_ += r.length;
+      invalidated_bytes_ += r.served;
     }
   }
 }

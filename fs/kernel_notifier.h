@@ -90,7 +90,8 @@ class KernelNotifier {
   std::uint64_t store_retries() const { return store_retries_.load(); }
   std::uint64_t preloaded_ahead() const { return preloaded_ahead_.load(); }
   // Preloads whose first store the kernel refused for want of the inode: forgotten since a
-  // listing handed it out, or a LOOKUP's not yet made after all the retries.
+  // listing handed it out, or not made yet (a LOOKUP's after all its retries, or one answered
+  // a moment before the READ that stores ahead).
   std::uint64_t preloads_refused() const { return refused_.load(); }
 
  private:
