@@ -42,7 +42,7 @@ class BenchSmokeTest(unittest.TestCase):
                         "| #6 | ckptfs ls of the 300-tensor checkpoint", "| #6 | ckptfs info",
                         "| 1 | the same loop on a mount with --no-preload", "| 1 | the same loop listing the mount first", "| 2 | minor page faults of the warm pass", "| 2 | numpy.memmap and close of a file",
                         "| 3 | open/read/close per file", "| 3 | ls -l of the directory (900 files",
-                        "| 16 KiB | 512 |", "| 1 MiB | 8 |"],
+                        "| tensor size | tensors | ckptfs | ckptfs, listed first |", "| 16 KiB | 512 |", "| 1 MiB | 8 |"],
                        pngs=["bench-throughput.png", "bench-throughput-sizes.png"], timeout=900)
 
     def test_bench_convert_runs(self):
