@@ -56,7 +56,10 @@ bool KernelNotifier::enqueue(const Preload& p) {
   if (p.why == PreloadFor::kAhead &&
       std::find(recent_.begin(), recent_.end(), p.inode) != recent_.end())
     return false;
-  if (preloads_.size() >= kMaxQueuedPreloads) preloads_.pop_front();
+  const std::size_t cap = p.why == PreloadFor::kLookedUp ? kMaxQueuedLookups : kMaxAheadFiles;
+  const auto same = [&p](const Preload& q) { return q.why == p.why; };
+  if (static_cast<std::size_t>(std::ranges::count_if(preloads_, same)) >= cap)
+    preloads_.erase(std::ranges::find_if(preloads_, same));
   preloads_.push_back(p);
   return true;
 }

@@ -41,11 +41,12 @@ class KernelNotifier {
   using FileReader = std::function<std::size_t(std::uint64_t inode, std::uint64_t offset,
                                                std::span<std::byte> out)>;
 
-  // How many preloads wait at most: a newer one pushes out the oldest, whose reader has most
-  // likely got ahead of it by then (the kernel reads what it needs itself). Room for one
-  // reader's files ahead and a few LOOKUPs'.
-  static constexpr std::size_t kMaxQueuedPreloads = 80;
-  // The most files stored ahead of one READ (fuse_server.cc's preload_ahead says how many).
+  // How many LOOKUP preloads wait at most: a newer one pushes out the oldest, whose reader has
+  // most likely got ahead of it by then (the kernel reads what it needs itself). Few: a walk
+  // that stats many files and reads none would otherwise have that many read behind it.
+  static constexpr std::size_t kMaxQueuedLookups = 4;
+  // The most files stored ahead of one READ (fuse_server.cc's preload_ahead says how many),
+  // and the most that wait ahead of readers, the oldest pushed out the same way.
   static constexpr std::size_t kMaxAheadFiles = 64;
   // One store: the size of the kernel's largest READ here, and of the reused buffer.
   static constexpr std::size_t kStoreBytes = std::size_t{1} << 20;

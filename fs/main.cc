@@ -266,10 +266,11 @@ int run(const CliOptions& opts) {
   MountState state(catalog, data, *cache, ledger);
   state.limit_bytes = opts.limit_mb << 20;
   state.xattrs = opts.xattrs;
-  // Up to kMaxQueuedPreloads + 1 files are stored ahead of their readers at a time: a sixteenth
-  // of the kernel's share each keeps them well inside it. 8 MiB stores whole the 4 MiB files
-  // that docs/benchmarks.md streams; of a larger file, the first MiBs are what its first faults
-  // would wait for, and the kernel's readahead follows on from there.
+  // Up to KernelNotifier::kMaxQueuedLookups + 1 looked-up files are stored ahead of their
+  // readers at a time, and ahead of a listing reader files adding up to this at most, plus
+  // one: a sixteenth of the kernel's share each keeps them well inside it. 8 MiB stores whole
+  // the 4 MiB files that docs/benchmarks.md streams; of a larger file, the first MiBs are what
+  // its first faults would wait for, and the kernel's readahead follows on from there.
   state.preload_bytes =
       opts.preload ? std::min<std::uint64_t>(std::uint64_t{8} << 20, budget.kernel_bytes / 16) : 0;
   state.mtime = data.mtime();

@@ -682,6 +682,36 @@ class MountedCheckpointTest(unittest.TestCase):
                 self.assertEqual(s["preloaded_ahead_files"], 0, s)
                 self.assertEqual(s["preloads_refused"], 0, s)  # not even tried
 
+    def test_a_stat_walk_has_few_files_preloaded_behind_it(self):
+        """Each LOOKUP of a tensor file queues a preload, but a walk that stats many files and
+        reads none must not leave a long queue of them to be read after it: at most a few
+        LOOKUP preloads wait (the oldest are pushed out), so only the files stored while the
+        walk ran and those few are read."""
+        with tempfile.TemporaryDirectory(prefix="ckptfs-walk-") as d:
+            path = os.path.join(d, "walk.pt")
+            g = torch.Generator().manual_seed(3)
+            sd = {"filler": torch.randn(8 * 1024 * 1024, generator=g)}  # 32 MiB
+            sd.update({f"w{i}": torch.randn(1024 * 1024, generator=g) for i in range(100)})  # 4 MiB
+            torch.save(sd, path)
+            del sd
+            with Mount(path, "--limit-mb", "32") as m:
+                with open(m.file("filler"), "rb") as f:
+                    while f.read(1 << 20):
+                        pass
+                for i in range(100):
+                    os.stat(m.file(f"w{i}"))
+                deadline = time.monotonic() + 20
+                last = -1
+                while time.monotonic() < deadline:  # until the notifier has gone quiet
+                    time.sleep(0.3)
+                    s = m.stats()
+                    if s["preloaded_files"] == last:
+                        break
+                    last = s["preloaded_files"]
+                self.assertGreater(s["preloaded_files"], 0, s)
+                # A queue of every LOOKUP would have stored most of the 100.
+                self.assertLess(s["preloaded_files"], 40, s)
+
     def test_stats_file(self):
         with Mount(self.paths["many"], "--limit-mb", "8") as m:
             for e in m.index()["tensors"][:200]:
