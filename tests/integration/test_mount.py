@@ -603,8 +603,8 @@ class MountedCheckpointTest(unittest.TestCase):
         their preloads; the READ at the start of a file it reaches cold then has the daemon
         store the next tensor files, small ones too (the listing made them known to the
         kernel): they are found whole in the page cache and read with no request, exactly
-        torch's bytes. Without a listing, or once the kernel has forgotten the listed files
-        (FORGET), nothing is stored ahead."""
+        torch's bytes; and the .npy views after a view. Without a listing, or once the kernel
+        has forgotten the listed files (FORGET), nothing is stored ahead."""
         with tempfile.TemporaryDirectory(prefix="ckptfs-ahead-") as d:
             path = os.path.join(d, "ahead.pt")
             g = torch.Generator().manual_seed(7)
@@ -650,6 +650,20 @@ class MountedCheckpointTest(unittest.TestCase):
                         mm = np.memmap(f, dtype="u1", mode="r")
                         self.assertTrue(mm.tobytes() == want[k], f"{k}: bytes differ from torch.load")
                         del mm
+                # The .npy views the same way: the READ at the start of s0.npy stores the next
+                # views (NPY header and data), which np.load then reads with no request.
+                with open(m.file("s0.npy"), "rb") as f:
+                    self.assertTrue(np.array_equal(np.load(f), loaded["s0"].numpy()))
+                s = wait_ahead(m, 2 * len(ahead))
+                self.assertEqual(s["preloaded_ahead_files"], 2 * len(ahead), s)
+                views = [k + ".npy" for k in ahead]
+                resident.update({v: resident_pages(m.file(v)) for v in views})
+                inos.update({v: os.stat(m.file(v)).st_ino for v in views})
+                for v in views:
+                    with open(m.file(v), "rb") as f:
+                        arr = np.load(f)
+                    self.assertEqual(arr.dtype, np.float32, v)
+                    self.assertTrue(np.array_equal(arr, loaded[v[:-4]].numpy()), f"{v}: values differ from torch.load")
                 log = m.stderr_text_now()[log_before:]
                 reclaimed = reclaim_ran_since(reclaim_before)
             dropped = self.assert_dropped_only_by_reclaim(resident, reclaimed)
