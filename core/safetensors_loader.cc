@@ -216,9 +216,9 @@ TensorCatalog load_safetensors(const ByteSource& source) {
     no_hooks.kind = ValueKind::Dict;
     NewValue no;
     no.kind = ValueKind::Bool;
-    ValueId args = tuple({ref_id, integer(0), tuple(shape_items), tuple(stride_items),
-                          arena.add(no), arena.add(no_hooks),
-                          global(std::string("torch.") + std::string(dt->name))});
+    ValueId args =
+        tuple({ref_id, integer(0), tuple(shape_items), tuple(stride_items), arena.add(no),
+               arena.add(no_hooks), global(std::string("torch.") + std::string(dt->name))});
     NewValue call;
     call.kind = ValueKind::Object;
     call.cls = rebuild;
