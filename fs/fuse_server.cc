@@ -181,8 +181,11 @@ void preload_ahead(MountState& s, NodeIndex reading, const Node& n) noexcept {
     std::array<KernelNotifier::AheadFile, KernelNotifier::kMaxAheadFiles> files{};
     std::size_t count = 0;
     std::uint64_t bytes = 0;
-    for (std::uint64_t t = first; t < tensors.size() && count < files.size() &&
-                                  (count < kMinAheadFiles || bytes < s.preload_bytes);
+    // Files that cannot be stored (no view, a broken tensor) are passed over, a bounded
+    // number of them: this runs on a request thread.
+    const std::uint64_t last = std::min<std::uint64_t>(tensors.size(), first + 2 * files.size());
+    for (std::uint64_t t = first;
+         t < last && count < files.size() && (count < kMinAheadFiles || bytes < s.preload_bytes);
          ++t) {
       const NodeIndex next = next_node(t);
       if (next == kNoNode) continue;
