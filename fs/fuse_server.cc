@@ -136,14 +136,13 @@ bool kernel_share_filled(const MountState& s) {
 // target 1 runs the loop both ways). A LOOKUP without a read costs a background read of at
 // most preload_bytes; what is stored counts against the budget like any reply. |size| is the
 // file's, as the LOOKUP's reply gave it.
-void maybe_preload(MountState& s, fuse_ino_t ino, const Node& n, std::uint64_t size,
-                   KernelNotifier::PreloadFor why = KernelNotifier::PreloadFor::kLookedUp) {
+void maybe_preload(MountState& s, fuse_ino_t ino, const Node& n, std::uint64_t size) {
   if (s.notifier == nullptr || s.preload_bytes == 0) return;
   if (n.kind != NodeKind::TensorData && n.kind != NodeKind::NpyView) return;
   if (!s.catalog.tensors()[n.tensor()].error().empty()) return;
   if (size < kPreloadMinBytes) return;
   if (!kernel_share_filled(s)) return;
-  s.notifier->preload(ino, std::min(size, s.preload_bytes), why);
+  s.notifier->preload(ino, std::min(size, s.preload_bytes));
 }
 
 // A reader that listed the directory first (os.listdir, glob, ls, cp -r) opens every file with

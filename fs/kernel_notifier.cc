@@ -64,12 +64,12 @@ bool KernelNotifier::enqueue(const Preload& p) {
   return true;
 }
 
-void KernelNotifier::preload(std::uint64_t inode, std::uint64_t length, PreloadFor why) {
+void KernelNotifier::preload(std::uint64_t inode, std::uint64_t length) {
   if (!read_file_ || length == 0) return;
   bool queued = false;
   {
     std::lock_guard lock(mu_);
-    queued = enqueue(Preload{inode, length, why});
+    queued = enqueue(Preload{inode, length, PreloadFor::kLookedUp});
   }
   if (queued) cv_.notify_one();
 }

@@ -68,18 +68,15 @@ class KernelNotifier {
   void stop();
   // Non-blocking: asks the thread to bring the ledger back within its budget.
   void wake();
-  // Whom a preload is for: the file a LOOKUP has just answered (the kernel makes its inode
-  // once the looking-up task wakes, so a first store may come too early and is retried), or a
-  // file ahead of a reader, which the kernel already holds (KnownInodes): not retried.
-  enum class PreloadFor { kLookedUp, kAhead };
-  // Non-blocking: asks the thread to store the first |length| bytes of |inode| in the kernel's
-  // page cache (in kStoreBytes steps, each recorded and kept within the budget like a reply).
-  void preload(std::uint64_t inode, std::uint64_t length, PreloadFor why = PreloadFor::kLookedUp);
+  // Non-blocking: asks the thread to store the first |length| bytes of |inode|, a file a LOOKUP
+  // has just answered, in the kernel's page cache (in kStoreBytes steps, each recorded and kept
+  // within the budget like a reply).
+  void preload(std::uint64_t inode, std::uint64_t length);
   struct AheadFile {
     std::uint64_t inode;
     std::uint64_t length;
   };
-  // Non-blocking: preload(kAhead) of each of |files| in turn, under one lock, but none that
+  // Non-blocking: the same for each of |files|, ahead of a reader, under one lock, but none that
   // waits already or was taken among the last kMaxAheadFiles; and a waiting preload of
   // |reading|, the file the reader has reached on its own, is dropped.
   void preload_ahead(std::uint64_t reading, std::span<const AheadFile> files);
@@ -96,6 +93,10 @@ class KernelNotifier {
   std::uint64_t preloads_refused() const { return refused_.load(); }
 
  private:
+  // Whom a preload is for: the file a LOOKUP has just answered (the kernel makes its inode
+  // once the looking-up task wakes, so a first store may come too early and is retried), or a
+  // file ahead of a reader, which the kernel already holds (KnownInodes): not retried.
+  enum class PreloadFor { kLookedUp, kAhead };
   struct Preload {
     std::uint64_t inode;
     std::uint64_t length;
