@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <getopt.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 
@@ -41,6 +42,11 @@ options:
                     page cache when it is looked up, nor the next listed files when a
                     listed one is first read: a walk that stats many tensor files and reads
                     none then reads nothing (streaming many files is slower)
+  --prelist N       after mounting, list up to N entries of the tree (breadth-first; root
+                    only) so that the kernel holds them: opening one then asks the daemon
+                    nothing, and a stream of them is stored ahead. About 1.2 KiB of kernel
+                    memory each, reclaimable; default 16 per MiB of --limit-mb (8192 at 512),
+                    at most 65536; 0: list nothing
   -f, --foreground  stay in the foreground (default: detach once the mount is ready)
   -d, --debug       log every FUSE request to stderr (implies -f)
   -o OPTIONS        comma-separated mount options passed to FUSE (e.g. allow_other);
@@ -63,14 +69,19 @@ std::optional<std::uint64_t> parse_limit_mb(std::string_view text) {
   return n;
 }
 
+std::uint64_t prelist_entries_for(const CliOptions& opts) {
+  return opts.prelist.value_or(std::min(kMaxDefaultPrelist, opts.limit_mb * 16));
+}
+
 CliParse parse_cli(int argc, char** argv) {
-  enum { kLimitMb = 1000, kRoot, kReadahead, kNoXattrs, kNoPreload };
+  enum { kLimitMb = 1000, kRoot, kReadahead, kNoXattrs, kNoPreload, kPrelist };
   static const option kLong[] = {
       {"limit-mb", required_argument, nullptr, kLimitMb},
       {"root", required_argument, nullptr, kRoot},
       {"readahead-kb", required_argument, nullptr, kReadahead},
       {"no-xattrs", no_argument, nullptr, kNoXattrs},
       {"no-preload", no_argument, nullptr, kNoPreload},
+      {"prelist", required_argument, nullptr, kPrelist},
       {"foreground", no_argument, nullptr, 'f'},
       {"debug", no_argument, nullptr, 'd'},
       {"help", no_argument, nullptr, 'h'},
@@ -116,6 +127,19 @@ CliParse parse_cli(int argc, char** argv) {
       case kNoPreload:
         opts.preload = false;
         break;
+      case kPrelist: {
+        std::string_view v = optarg;
+        std::uint64_t n = 0;
+        auto r = std::from_chars(v.data(), v.data() + v.size(), n);
+        if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n > (std::uint64_t{1} << 24)) {
+          std::fprintf(stderr,
+                       "ckptfs: --prelist needs a number of entries from 0 to 16777216, not '%s'\n",
+                       optarg);
+          return {std::nullopt, 2};
+        }
+        opts.prelist = n;
+        break;
+      }
       case 'f':
         opts.foreground = true;
         break;

@@ -19,6 +19,7 @@
 #include "kernel_notifier.h"
 #include "kernel_page_ledger.h"
 #include "known_inodes.h"
+#include "mount_lister.h"
 #include "safetensors_view.h"
 #include "tensor_reader.h"
 
@@ -52,6 +53,7 @@ struct MountState {
   mutable std::atomic<std::int64_t> stats_mtime_ns{0};
   // The inodes the kernel holds: the files a preload ahead of a reader can store into.
   KnownInodes known;
+  const MountLister* lister = nullptr;  // set once the mount exists; its progress is in stats
 
   MountState(const TensorCatalog& c, const ByteSource& src, BlockCache& b, KernelPageLedger& l)
       : catalog(c),

@@ -33,6 +33,7 @@
 #include "inspect_commands.h"
 #include "kernel_notifier.h"
 #include "memory_budget.h"
+#include "mount_lister.h"
 #include "scheduler_slice.h"
 #include "shutdown_signal.h"
 
@@ -304,11 +305,16 @@ int run(const CliOptions& opts) {
         return read_for_preload(state, ino, offset, out);
       });
   state.notifier = &notifier;
+  // The listing after mounting is requests to this daemon: a signal stops it while they are
+  // still answered; any other end of the loop waits for the unmount (below).
+  MountLister lister(canonical_mountpoint, prelist_entries_for(opts));
+  state.lister = &lister;
   // A signal ends the loop only after the notifier has finished what it was doing, while
   // requests are still answered (see shutdown_signal.h for the hang this prevents).
   std::optional<ShutdownSignal> shutdown;
   try {
-    shutdown.emplace(se.get(), [&notifier] {
+    shutdown.emplace(se.get(), [&notifier, &lister] {
+      lister.stop();
       if (!notifier.quiesce(kQuiesceWhileServing)) {
         std::fprintf(stderr,
                      "ckptfs: a page-cache notification is still waiting after %lld ms; "
@@ -353,6 +359,7 @@ int run(const CliOptions& opts) {
                                    readahead_stop);
     }
     shutdown->start();
+    lister.start();
   }
 
   // Last, after the helper threads (notifier, prefetcher, prefaulter) exist: only libfuse's
@@ -378,6 +385,9 @@ int run(const CliOptions& opts) {
   // quiet already; after an unmount the kernel fails its notifications at once.
   notifier.quiesce(std::chrono::milliseconds(500));
   guard.unmount();
+  // After the unmount closed /dev/fuse: a request of the listing child still waiting (the loop
+  // ended some other way than a signal, which stops the listing first) now fails at once.
+  lister.stop();
   notifier.stop();
   // Negative values are errors; a signal or an unmount is a clean end.
   return rc < 0 ? 1 : 0;
@@ -416,6 +426,10 @@ void use_huge_pages(char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The daemon's listing child (mount_lister.h): first, it needs nothing of the rest.
+  if (argc == 3 && std::string_view(argv[1]) == ckptfs::MountLister::kChildFlag) {
+    return ckptfs::run_prelist_child(argv[2]);
+  }
   use_huge_pages(argv);
   // libzip converts every entry's DOS time with mktime(), and glibc re-reads /etc/localtime
   // on each call when TZ is unset: a system call per zip entry. ckptfs shows no local times.

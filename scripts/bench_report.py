@@ -76,7 +76,7 @@ class BenchMount:
             if r.returncode != 0:
                 os.rmdir(self.path)
                 raise SystemExit(f"ckptfs failed: {r.stderr}")
-            self.pid = int(subprocess.run(["pgrep", "-n", "-f", f"ckptfs.*{self.path}"], capture_output=True,
+            self.pid = int(subprocess.run(["pgrep", "-o", "-f", f"ckptfs.*{self.path}"], capture_output=True,
                                           text=True).stdout.split()[0])
 
     def stats(self):

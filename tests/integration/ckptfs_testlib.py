@@ -172,11 +172,12 @@ class Mount:
 def wait_prefaulted(read_stats, timeout=60):
     """|read_stats|() gives a mount's /.ckptfs/stats; waits until the daemon's prefault has
     finished (daemon_prefaulted_bytes then says how much of the cache it backed: all of it, or
-    less on a kernel that cannot) and returns those stats."""
+    less on a kernel that cannot), and its listing after mounting too (its thread, child and
+    descriptors are gone then), and returns those stats."""
     deadline = time.monotonic() + timeout
     while True:
         st = read_stats()
-        if st["daemon_prefault_finished"]:
+        if st["daemon_prefault_finished"] and st.get("prelist_finished", True):
             return st
         if time.monotonic() > deadline:
             raise AssertionError(f"the daemon's cache was not prefaulted within {timeout} s: {st}")

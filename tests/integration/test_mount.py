@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gen_checkpoints  # noqa: E402
-from ckptfs_testlib import (Mount, dtype_name, reclaim_counters, reclaim_ran_since,  # noqa: E402
+from ckptfs_testlib import (Mount, dtype_name, unmount, reclaim_counters, reclaim_ran_since,  # noqa: E402
                             require_fuse, resident_pages, torch_bytes, torch_tensors)
 
 NUMPY_OF = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<u2", "int8": "|i1",
@@ -531,7 +531,8 @@ class MountedCheckpointTest(unittest.TestCase):
             torch.save(sd, path)
             expected = torch_tensors(torch.load(path))
             reclaim_before = reclaim_counters()
-            with Mount(path, "-d", "--limit-mb", "64") as m:
+            # --prelist 0: the daemon's own listing would spare the reader every LOOKUP.
+            with Mount(path, "-d", "--limit-mb", "64", "--prelist", "0") as m:
                 budget = m.stats()["kernel_budget_bytes"]
                 cap = min(8 << 20, budget // 16)
                 self.assertEqual(cap, 3 << 20, "--limit-mb 64 no longer stores 3 MiB per file")
@@ -597,6 +598,89 @@ class MountedCheckpointTest(unittest.TestCase):
                 self.assertEqual(m.stats()["preloaded_files"], 0)
                 with open(m.file("a"), "rb") as f:
                     self.assertTrue(f.read() == dict(files)["a"])
+
+    def test_the_daemon_lists_the_tree_after_mounting(self):
+        """After mounting, the daemon lists the tree through the mount, breadth-first, up to
+        --prelist entries, so that the kernel holds them: a reader that opens files by name
+        without listing anything sends no LOOKUP and gets torch's bytes. The cap holds, the
+        default follows --limit-mb, and an unmount while the listing runs is not refused
+        (the daemon lists through a detached clone of the mount, which is no use of it)."""
+        def wait_listed(m):
+            deadline = time.monotonic() + 20
+            while not (s := m.stats())["prelist_finished"]:
+                self.assertLess(time.monotonic(), deadline, f"the listing did not end: {s}")
+                time.sleep(0.02)
+            return s
+
+        def tree_entries(root):
+            """Every entry under |root|, by our own walk (/.ckptfs counted, not entered)."""
+            count, dirs = 0, [root]
+            while dirs:
+                with os.scandir(dirs.pop()) as it:
+                    for e in it:
+                        count += 1
+                        if e.is_dir() and e.path != os.path.join(root, ".ckptfs"):
+                            dirs.append(e.path)
+            return count
+
+        with tempfile.TemporaryDirectory(prefix="ckptfs-prelist-") as d:
+            path = os.path.join(d, "prelist.pt")
+            g = torch.Generator().manual_seed(11)
+            sd = {f"t{i}": torch.randn(4096, generator=g) for i in range(20)}
+            sd["sub"] = {"a": torch.randn(100, generator=g), "deeper": {"b": torch.arange(7)}}
+            sd["epoch"] = 3
+            torch.save(sd, path)
+            loaded = torch.load(path)
+            names = [f"t{i}" for i in range(20)] + ["sub/a", "sub/deeper/b"]
+            want = {k: torch_bytes(loaded[k] if "/" not in k else
+                                   loaded["sub"]["a"] if k == "sub/a" else loaded["sub"]["deeper"]["b"])
+                    for k in names}
+
+            with Mount(path, "-d", "--limit-mb", "64") as m:
+                s = wait_listed(m)
+                log_before = len(m.stderr_text_now())
+                for k in names:
+                    with open(m.file(k), "rb") as f:
+                        mm = np.memmap(f, dtype="u1", mode="r")
+                        self.assertTrue(mm.tobytes() == want[k], f"{k}: bytes differ from torch.load")
+                        del mm
+                log = m.stderr_text_now()[log_before:]
+                self.assertNotIn("opcode: LOOKUP ", log, "files the daemon listed were looked up")
+                self.assertIn("opcode: READ ", log)  # the log does show this reader's requests
+                # 64 MiB of budget allow 1,024 entries: all of this tree's.
+                self.assertEqual(s["prelisted_entries"], tree_entries(m.path), s)
+
+            # Breadth-first, and no more than asked: the root's first entries only, so the
+            # deepest file needs its LOOKUPs.
+            with Mount(path, "-d", "--prelist", "10") as m:
+                self.assertEqual(wait_listed(m)["prelisted_entries"], 10)
+                log_before = len(m.stderr_text_now())
+                with open(m.file("sub/deeper/b"), "rb") as f:
+                    self.assertTrue(f.read() == want["sub/deeper/b"])
+                self.assertIn("opcode: LOOKUP ", m.stderr_text_now()[log_before:])
+
+            # An unmount while the listing runs: 30,000 entries take the daemon a while.
+            many = os.path.join(d, "many.pt")
+            torch.save({f"m{i}": torch.tensor([i]) for i in range(10000)}, many)
+            with Mount(many, "--prelist", "30000") as m:
+                listing = not m.stats()["prelist_finished"]
+                r = subprocess.run(["fusermount3", "-u", m.path], capture_output=True, text=True, timeout=30)
+                self.assertEqual(r.returncode, 0, f"unmount refused while the daemon listed: {r.stderr}")
+                self.assertEqual(m.proc.wait(timeout=30), 0)
+            self.assertTrue(listing, "the listing had ended before the unmount: nothing was checked")
+
+            # SIGKILL while the listing runs: the daemon goes (a listing thread of its own would
+            # wait for ever for a reply its killed request thread never sends), and the mount
+            # is left for fusermount3 -u, as after any SIGKILL.
+            with Mount(many, "--prelist", "30000") as m:
+                listing = not m.stats()["prelist_finished"]
+                m.proc.kill()
+                try:
+                    m.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    unmount(m.path, m.proc, m.conn)  # frees the stuck daemon, so the suite goes on
+                    self.fail("SIGKILL during the listing: the daemon did not exit")
+            self.assertTrue(listing, "the listing had ended before the SIGKILL: nothing was checked")
 
     def test_a_listed_stream_preloads_the_next_files(self):
         """A reader that listed the directory opens files with no LOOKUP, so nothing asks for
@@ -672,8 +756,9 @@ class MountedCheckpointTest(unittest.TestCase):
             self.assertFalse(again, f"files stored whole ahead were read again: {again}")
             self.assertNotIn("opcode: LOOKUP ", log, "the listing did not make the files known")
 
-            # No listing: s1 .. s5 are unknown to the kernel when s0 is read.
-            with Mount(path, "--limit-mb", "64") as m:
+            # No listing (neither the reader's nor the daemon's, --prelist 0): s1 .. s5 are
+            # unknown to the kernel when s0 is read.
+            with Mount(path, "--limit-mb", "64", "--prelist", "0") as m:
                 fill_the_share(m)
                 read_s0(m)
                 time.sleep(0.5)
@@ -708,7 +793,8 @@ class MountedCheckpointTest(unittest.TestCase):
             sd.update({f"w{i}": torch.randn(1024 * 1024, generator=g) for i in range(100)})  # 4 MiB
             torch.save(sd, path)
             del sd
-            with Mount(path, "--limit-mb", "32") as m:
+            # --prelist 0: a walk of files the daemon listed after mounting sends no LOOKUP.
+            with Mount(path, "--limit-mb", "32", "--prelist", "0") as m:
                 with open(m.file("filler"), "rb") as f:
                     while f.read(1 << 20):
                         pass
@@ -757,15 +843,19 @@ class MountedCheckpointTest(unittest.TestCase):
             threads = {}
             for tid in os.listdir(f"/proc/{m.proc.pid}/task"):
                 task = f"/proc/{m.proc.pid}/task/{tid}"
-                with open(f"{task}/comm") as f:
-                    comm = f.read().strip()
-                slice_ns = None  # /proc/*/sched needs CONFIG_SCHED_DEBUG
-                if os.path.exists(f"{task}/sched"):
-                    with open(f"{task}/sched") as f:
-                        for line in f:
-                            if line.startswith("se.slice"):
-                                slice_ns = int(float(line.split(":")[1]))
-                threads.setdefault(comm, []).append((slice_ns, os.getpriority(os.PRIO_PROCESS, int(tid))))
+                try:
+                    with open(f"{task}/comm") as f:
+                        comm = f.read().strip()
+                    slice_ns = None  # /proc/*/sched needs CONFIG_SCHED_DEBUG
+                    if os.path.exists(f"{task}/sched"):
+                        with open(f"{task}/sched") as f:
+                            for line in f:
+                                if line.startswith("se.slice"):
+                                    slice_ns = int(float(line.split(":")[1]))
+                    nice = os.getpriority(os.PRIO_PROCESS, int(tid))
+                except (FileNotFoundError, ProcessLookupError):
+                    continue  # a helper that ended meanwhile (the listing's, the readahead's)
+                threads.setdefault(comm, []).append((slice_ns, nice))
             self.assertIn("ckptfs", threads)
             self.assertIn("ckptfs-notifier", threads)
             self.assertIn("ckptfs-prefetch", threads)
