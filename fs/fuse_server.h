@@ -53,7 +53,7 @@ struct MountState {
   mutable std::atomic<std::int64_t> stats_mtime_ns{0};
   // The inodes the kernel holds: the files a preload ahead of a reader can store into.
   KnownInodes known;
-  const MountLister* lister = nullptr;  // set once the mount exists; its progress is in stats
+  const MountLister* lister = nullptr;  // set before mounting; stats show what it listed
 
   MountState(const TensorCatalog& c, const ByteSource& src, BlockCache& b, KernelPageLedger& l)
       : catalog(c),
