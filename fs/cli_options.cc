@@ -59,14 +59,24 @@ Unmount with `fusermount3 -u MOUNTPOINT`, or stop the daemon with SIGINT/SIGTERM
 )";
 }
 
-std::optional<std::uint64_t> parse_limit_mb(std::string_view text) {
+namespace {
+
+// |text| as a whole decimal number from |lo| to |hi|, or nothing (any other character, or
+// out of range).
+std::optional<std::uint64_t> parse_number(std::string_view text, std::uint64_t lo,
+                                          std::uint64_t hi) {
   std::uint64_t n = 0;
   auto r = std::from_chars(text.data(), text.data() + text.size(), n);
-  if (r.ec != std::errc() || r.ptr != text.data() + text.size() || n < (kMinLimitBytes >> 20) ||
-      n > (1u << 24)) {
+  if (r.ec != std::errc() || r.ptr != text.data() + text.size() || n < lo || n > hi) {
     return std::nullopt;
   }
   return n;
+}
+
+}  // namespace
+
+std::optional<std::uint64_t> parse_limit_mb(std::string_view text) {
+  return parse_number(text, kMinLimitBytes >> 20, 1u << 24);
 }
 
 std::uint64_t prelist_entries_for(const CliOptions& opts) {
@@ -109,16 +119,14 @@ CliParse parse_cli(int argc, char** argv) {
         opts.root = optarg;
         break;
       case kReadahead: {
-        std::string_view v = optarg;
-        std::uint32_t n = 0;
-        auto r = std::from_chars(v.data(), v.data() + v.size(), n);
-        if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n < 4 || n > 65536) {
+        auto n = parse_number(optarg, 4, 65536);
+        if (!n) {
           std::fprintf(stderr,
                        "ckptfs: --readahead-kb needs a number of KiB from 4 to 65536, not '%s'\n",
                        optarg);
           return {std::nullopt, 2};
         }
-        opts.readahead_kb = n;
+        opts.readahead_kb = static_cast<std::uint32_t>(*n);
         break;
       }
       case kNoXattrs:
@@ -128,16 +136,14 @@ CliParse parse_cli(int argc, char** argv) {
         opts.preload = false;
         break;
       case kPrelist: {
-        std::string_view v = optarg;
-        std::uint64_t n = 0;
-        auto r = std::from_chars(v.data(), v.data() + v.size(), n);
-        if (r.ec != std::errc() || r.ptr != v.data() + v.size() || n > (std::uint64_t{1} << 24)) {
+        auto n = parse_number(optarg, 0, std::uint64_t{1} << 24);
+        if (!n) {
           std::fprintf(stderr,
                        "ckptfs: --prelist needs a number of entries from 0 to 16777216, not '%s'\n",
                        optarg);
           return {std::nullopt, 2};
         }
-        opts.prelist = n;
+        opts.prelist = *n;
         break;
       }
       case 'f':
