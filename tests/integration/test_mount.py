@@ -20,6 +20,15 @@ import gen_checkpoints  # noqa: E402
 from ckptfs_testlib import (Mount, dtype_name, unmount, reclaim_counters, reclaim_ran_since,  # noqa: E402
                             require_fuse, resident_pages, torch_bytes, torch_tensors)
 
+def memmap_bytes(path):
+    """The bytes of |path| as numpy.memmap of it reads them (page faults, not read())."""
+    with open(path, "rb") as f:
+        mm = np.memmap(f, dtype="u1", mode="r")
+        data = mm.tobytes()
+        del mm
+    return data
+
+
 NUMPY_OF = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<u2", "int8": "|i1",
             "int16": "<i2", "int32": "<i4", "int64": "<i8", "uint8": "|u1", "bool": "|b1",
             "complex64": "<c8", "complex128": "<c16"}
@@ -571,10 +580,7 @@ class MountedCheckpointTest(unittest.TestCase):
                 resident = {}  # rel -> (pages cached, pages) just before its read
                 for rel, want in files:
                     resident[rel] = resident_pages(m.file(rel))
-                    with open(m.file(rel), "rb") as f:
-                        mm = np.memmap(f, dtype="u1", mode="r")
-                        self.assertTrue(mm.tobytes() == want, f"{rel}: bytes differ from torch.load")
-                        del mm
+                    self.assertTrue(memmap_bytes(m.file(rel)) == want, f"{rel}: bytes differ from torch.load")
                 log = m.stderr_text_now()[log_before:]
                 s = m.stats()  # for the message below: invalidations, preloads, retries
                 reclaimed = reclaim_ran_since(reclaim_before)
@@ -640,10 +646,7 @@ class MountedCheckpointTest(unittest.TestCase):
                 s = wait_listed(m)
                 log_before = len(m.stderr_text_now())
                 for k in names:
-                    with open(m.file(k), "rb") as f:
-                        mm = np.memmap(f, dtype="u1", mode="r")
-                        self.assertTrue(mm.tobytes() == want[k], f"{k}: bytes differ from torch.load")
-                        del mm
+                    self.assertTrue(memmap_bytes(m.file(k)) == want[k], f"{k}: bytes differ from torch.load")
                 log = m.stderr_text_now()[log_before:]
                 self.assertNotIn("opcode: LOOKUP ", log, "files the daemon listed were looked up")
                 self.assertIn("opcode: READ ", log)  # the log does show this reader's requests
@@ -730,10 +733,7 @@ class MountedCheckpointTest(unittest.TestCase):
                 inos = {k: os.stat(m.file(k)).st_ino for k in ahead}  # listed: no LOOKUP
                 log_before = len(m.stderr_text_now())
                 for k in ahead:
-                    with open(m.file(k), "rb") as f:
-                        mm = np.memmap(f, dtype="u1", mode="r")
-                        self.assertTrue(mm.tobytes() == want[k], f"{k}: bytes differ from torch.load")
-                        del mm
+                    self.assertTrue(memmap_bytes(m.file(k)) == want[k], f"{k}: bytes differ from torch.load")
                 # The .npy views the same way: the READ at the start of s0.npy stores the next
                 # views (NPY header and data), which np.load then reads with no request.
                 with open(m.file("s0.npy"), "rb") as f:
